@@ -1,0 +1,77 @@
+"""mLSTM cell ops: one dispatch point for every implementation.
+
+The model calls only `mlstm_chunkwise` and `mlstm_step`. Backends register here; "auto" picks the
+fastest registered backend that supports the tensors' device (Triton on CUDA once registered, torch
+elsewhere). `FAST_XLSTM_BACKEND=torch|triton|auto` forces a choice for the whole process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ._checks import MLSTMState, zero_state
+from .chunkwise_torch import mlstm_chunkwise_torch
+from .reference import mlstm_quadratic, mlstm_recurrent, mlstm_step_torch
+
+__all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "mlstm_quadratic",
+           "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
+           "available_backends"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A set of mLSTM implementations with the signatures of the torch ones."""
+
+    name: str
+    chunkwise: Callable[..., tuple[torch.Tensor, MLSTMState]]
+    step: Callable[..., tuple[torch.Tensor, MLSTMState]]
+    supports: Callable[[torch.Tensor], bool]
+    priority: int = 0
+
+
+_BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", mlstm_chunkwise_torch, mlstm_step_torch, lambda t: True, priority=0),
+}
+
+
+def register_backend(backend: Backend) -> None:
+    """Adds (or replaces) a backend; higher priority wins under "auto" where it supports the device."""
+    _BACKENDS[backend.name] = backend
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def resolve_backend(x: torch.Tensor, backend: str | None = None) -> Backend:
+    """Chooses the backend for tensor `x`: explicit name, else $FAST_XLSTM_BACKEND, else "auto"."""
+    name = backend or os.environ.get("FAST_XLSTM_BACKEND", "auto")
+    if name == "auto":
+        usable = [b for b in _BACKENDS.values() if b.supports(x)]
+        return max(usable, key=lambda b: b.priority)
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown mLSTM backend {name!r}; available: auto, {', '.join(available_backends())}")
+    chosen = _BACKENDS[name]
+    if not chosen.supports(x):
+        raise ValueError(f"mLSTM backend {name!r} does not support tensors on {x.device}")
+    return chosen
+
+
+def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                    initial_state: MLSTMState | None = None, *, cu_seqlens: torch.Tensor | None = None,
+                    chunk_size: int = 64, eps: float = 1e-6, backend: str | None = None
+                    ) -> tuple[torch.Tensor, MLSTMState]:
+    """Sequence (prefill/training) form. Shapes: see `chunkwise_torch.mlstm_chunkwise_torch`."""
+    return resolve_backend(q, backend).chunkwise(q, k, v, i, f, initial_state, cu_seqlens=cu_seqlens,
+                                                 chunk_size=chunk_size, eps=eps)
+
+
+def mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+               state: MLSTMState | None = None, *, eps: float = 1e-6, backend: str | None = None
+               ) -> tuple[torch.Tensor, MLSTMState]:
+    """Single decode step. Shapes: see `reference.mlstm_step_torch`."""
+    return resolve_backend(q, backend).step(q, k, v, i, f, state, eps=eps)
