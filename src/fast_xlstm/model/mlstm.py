@@ -1,0 +1,99 @@
+"""The mLSTM layer of the xLSTM 7B block: projections, soft-capped gates, the cell, norm, output gate."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import XLSTMConfig
+from ..ops import MLSTMState
+from .layers import MultiHeadLayerNorm, soft_cap
+
+
+def _linear_fp32(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    """A gate projection in fp32 (a no-op cast when the loader kept the gate weights in fp32)."""
+    return nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+
+
+class MLSTMLayer(nn.Module):
+    """y = out_proj(sigmoid(o) * MultiHeadLayerNorm(mLSTM(q, k, v, i, f))) for normed input u.
+
+    Gate projections (igate/fgate, 8 rows each for the 7B) are kept and computed in fp32 whatever the
+    model dtype, as in training. `fuse()` concatenates q/k/v/o rows into one projection.
+    """
+
+    def __init__(self, config: XLSTMConfig):
+        super().__init__()
+        c = config
+        self.num_heads, self.qk_dim, self.v_dim = c.num_heads, c.qk_dim, c.v_dim
+        self.gate_soft_cap = c.gate_soft_cap
+        self.eps = c.eps
+        self.chunk_size = c.chunk_size
+        d = c.embedding_dim
+        self.q = nn.Linear(d, self.qk_dim, bias=c.use_bias)
+        self.k = nn.Linear(d, self.qk_dim, bias=c.use_bias)
+        self.v = nn.Linear(d, self.v_dim, bias=c.use_bias)
+        self.ogate_preact = nn.Linear(d, self.v_dim, bias=c.use_bias)
+        self.igate_preact = nn.Linear(d, c.num_heads, bias=True)
+        self.fgate_preact = nn.Linear(d, c.num_heads, bias=True)
+        self.multihead_norm = MultiHeadLayerNorm(c.num_heads, c.v_head_dim, eps=c.norm_eps,
+                                                 force_float32=c.norm_reduction_force_float32)
+        self.out_proj = nn.Linear(self.v_dim, d, bias=c.use_bias)
+        self.fused = False
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Builds `qkv_opreact` ([2*qk + 2*v, d]) and `ifgate_preact` ([2*NH, d]) from the single weights."""
+        if self.fused:
+            return
+        parts = [self.q, self.k, self.v, self.ogate_preact]
+        w0 = self.q.weight
+        qkvo = nn.Linear(w0.shape[1], sum(p.out_features for p in parts), bias=self.q.bias is not None,
+                         device=w0.device, dtype=w0.dtype)
+        qkvo.weight.copy_(torch.cat([p.weight for p in parts], 0))
+        if self.q.bias is not None:
+            qkvo.bias.copy_(torch.cat([p.bias for p in parts], 0))
+        gi, gf = self.igate_preact, self.fgate_preact
+        ifg = nn.Linear(w0.shape[1], 2 * self.num_heads, bias=True, device=gi.weight.device, dtype=gi.weight.dtype)
+        ifg.weight.copy_(torch.cat([gi.weight, gf.weight], 0))
+        ifg.bias.copy_(torch.cat([gi.bias, gf.bias], 0))
+        self.qkv_opreact, self.ifgate_preact = qkvo, ifg
+        del self.q, self.k, self.v, self.ogate_preact, self.igate_preact, self.fgate_preact
+        self.fused = True
+
+    def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """u [..., d] -> q, k [..., qk], v, o [..., v], i, f [..., NH] (gates soft-capped, fp32)."""
+        if self.fused:
+            q, k, v, o = self.qkv_opreact(u).split([self.qk_dim, self.qk_dim, self.v_dim, self.v_dim], dim=-1)
+            w = self.ifgate_preact
+            i, f = soft_cap(_linear_fp32(u, w), self.gate_soft_cap).split(self.num_heads, dim=-1)
+        else:
+            q, k, v, o = self.q(u), self.k(u), self.v(u), self.ogate_preact(u)
+            i = soft_cap(_linear_fp32(u, self.igate_preact), self.gate_soft_cap)
+            f = soft_cap(_linear_fp32(u, self.fgate_preact), self.gate_soft_cap)
+        return q, k, v, o, i, f
+
+    def _output(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """h [..., NH, DV] cell output, o [..., v] gate pre-activation -> [..., d]."""
+        return self.out_proj(torch.sigmoid(o) * self.multihead_norm(h))
+
+    def forward(self, u: torch.Tensor, state: MLSTMState | None = None, *,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
+        """u [B, S, d] (normed block input) -> y [B, S, d] and the final state (N sequences)."""
+        B, S, _ = u.shape
+        q, k, v, o, i, f = self._project(u)
+        nh = self.num_heads
+        q, k, v = (x.reshape(B, S, nh, -1).transpose(1, 2) for x in (q, k, v))  # [B, NH, S, D*]
+        h, state = ops.mlstm_chunkwise(q, k, v, i.transpose(1, 2), f.transpose(1, 2), state,
+                                       cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, eps=self.eps)
+        return self._output(h.transpose(1, 2), o), state
+
+    def step(self, u: torch.Tensor, state: MLSTMState | None) -> tuple[torch.Tensor, MLSTMState]:
+        """One decode step: u [B, d] -> y [B, d] and the new state."""
+        B = u.shape[0]
+        q, k, v, o, i, f = self._project(u)
+        nh = self.num_heads
+        h, state = ops.mlstm_step(q.reshape(B, nh, -1), k.reshape(B, nh, -1), v.reshape(B, nh, -1), i, f, state,
+                                  eps=self.eps)
+        return self._output(h, o), state

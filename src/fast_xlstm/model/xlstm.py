@@ -1,0 +1,203 @@
+"""xLSTM language model: embedding, a stack of mLSTM blocks, out norm, soft-capped head.
+
+Module names follow the hub checkpoint keys (`backbone.embeddings`, `backbone.blocks.{i}...`,
+`backbone.out_norm`, `lm_head`), so a hub state dict loads without renaming.
+The recurrent state is a value the caller owns: a list with one (C, n, m) tuple per block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import XLSTMConfig
+from ..ops import MLSTMState
+from .layers import FeedForward, RMSNorm, soft_cap
+from .mlstm import MLSTMLayer
+
+ModelState = list[MLSTMState]
+"""One (C [N, NH, DK, DV], n [N, NH, DK], m [N, NH, 1]) tuple per block."""
+
+
+class MLSTMBlock(nn.Module):
+    """Pre-norm block: x + mLSTM(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, config: XLSTMConfig):
+        super().__init__()
+        c = config
+        self.norm_mlstm = RMSNorm(c.embedding_dim, c.norm_eps, c.norm_reduction_force_float32)
+        self.mlstm_layer = MLSTMLayer(c)
+        self.norm_ffn = RMSNorm(c.embedding_dim, c.norm_eps, c.norm_reduction_force_float32)
+        self.ffn = FeedForward(c.embedding_dim, c.ffn_dim, c.use_bias)
+
+    def forward(self, x: torch.Tensor, state: MLSTMState | None, cu_seqlens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, MLSTMState]:  # x [B, S, d]
+        y, state = self.mlstm_layer(self.norm_mlstm(x), state, cu_seqlens=cu_seqlens)
+        x = x + y
+        return x + self.ffn(self.norm_ffn(x)), state
+
+    def step(self, x: torch.Tensor, state: MLSTMState | None) -> tuple[torch.Tensor, MLSTMState]:  # x [B, d]
+        y, state = self.mlstm_layer.step(self.norm_mlstm(x), state)
+        x = x + y
+        return x + self.ffn(self.norm_ffn(x)), state
+
+
+class XLSTMBackbone(nn.Module):
+    def __init__(self, config: XLSTMConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.embedding_dim)
+        self.blocks = nn.ModuleList(MLSTMBlock(config) for _ in range(config.num_blocks))
+        self.out_norm = (RMSNorm(config.embedding_dim, config.norm_eps, config.norm_reduction_force_float32)
+                         if config.add_out_norm else nn.Identity())
+
+
+class XLSTMForCausalLM(nn.Module):
+    """The xLSTM 7B architecture (or any `XLSTMConfig`) as a causal LM.
+
+    `forward(input_ids, state)` runs a sequence (prefill/training); `step(token_ids, state)` one token.
+    Both return fp32 logits soft-capped at `output_logit_soft_cap` and the new state; the input state
+    is never modified.
+    """
+
+    def __init__(self, config: XLSTMConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = XLSTMBackbone(config)
+        self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    # ---- construction and I/O ------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: XLSTMConfig, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", seed: int | None = 0, init: str = "7b"
+                    ) -> "XLSTMForCausalLM":
+        """A randomly initialised model. init: "7b" (the 7B training recipe) or "random" (every weight,
+        bias and norm drawn at random: for tests that must exercise all paths)."""
+        from .init import init_weights
+
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        init_weights(model, recipe=init, seed=seed)
+        model.cast(dtype)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device = "cpu", fuse: bool = False) -> "XLSTMForCausalLM":
+        """Loads a checkpoint directory in the hub layout or the `xlstm` package layout.
+
+        Tensors stream one at a time from safetensors into a meta-initialised model, converted to
+        `dtype` on the way (None keeps the checkpoint dtype), so peak host memory is one model.
+        `fuse=True` builds the fused projections after loading.
+        """
+        from .weights import load_model
+
+        model = load_model(cls, path, dtype=dtype, device=device)
+        if fuse:
+            model.fuse_projections()
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, *, max_shard_size: int | str = "5GB",
+                        layout: str = "hub") -> Path:
+        """Writes config + sharded safetensors: layout "hub" (transformers-loadable) or "xlstm"."""
+        from .weights import save_model
+
+        return save_model(self, path, max_shard_size=max_shard_size, layout=layout)
+
+    @torch.no_grad()
+    def cast(self, dtype: torch.dtype) -> "XLSTMForCausalLM":
+        """Casts weights to `dtype`, keeping the i/f gate projections in fp32 (they ran in fp32 in training)."""
+        gates = {id(p) for m in _gate_linears(self) for p in m.parameters()}
+        for p in self.parameters():
+            target = torch.float32 if id(p) in gates else dtype
+            if p.dtype != target:
+                p.data = p.data.to(target)
+        return self
+
+    def fuse_projections(self) -> "XLSTMForCausalLM":
+        """Fuses q/k/v/o, i/f and gate/up projections in every block (for inference)."""
+        for block in self.backbone.blocks:
+            block.mlstm_layer.fuse()
+            block.ffn.fuse()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # ---- compute --------------------------------------------------------------------------------
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.backbone.out_norm(x)).float()
+        return soft_cap(logits, self.config.output_logit_soft_cap)
+
+    def forward(self, input_ids: torch.Tensor, state: ModelState | None = None, *,
+                cu_seqlens: torch.Tensor | None = None, last_logits_only: bool = False
+                ) -> tuple[torch.Tensor, ModelState]:
+        """Runs token sequences.
+
+        Args:
+            input_ids: [B, S] token ids; with `cu_seqlens`, [1, T] holding N packed sequences.
+            state: per-block states for the B (or N) sequences; None = empty state.
+            cu_seqlens: int tensor [N + 1] of packed-sequence offsets into T (each sequence starts
+                from its own state and none sees another's tokens).
+            last_logits_only: compute the head only at each sequence's last position.
+        Returns:
+            logits fp32 [B, S, V] (or [N, V] with last_logits_only) and the new state.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if state is not None and len(state) != self.config.num_blocks:
+            raise ValueError(f"state must hold {self.config.num_blocks} per-block states, got {len(state)}")
+        x = self.backbone.embeddings(input_ids)
+        new_state: ModelState = []
+        for b, block in enumerate(self.backbone.blocks):
+            x, st = block(x, None if state is None else state[b], cu_seqlens)
+            new_state.append(st)
+        if last_logits_only:
+            if cu_seqlens is None:
+                if input_ids.shape[1] == 0:
+                    raise ValueError("last_logits_only needs at least one token per sequence")
+                x = x[:, -1]
+            else:
+                lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+                if bool((lengths <= 0).any()):
+                    raise ValueError("last_logits_only needs at least one token per packed sequence")
+                x = x[0, cu_seqlens[1:].long() - 1]
+        return self._head(x), new_state
+
+    def step(self, token_ids: torch.Tensor, state: ModelState | None) -> tuple[torch.Tensor, ModelState]:
+        """One decode step: token_ids [B] -> logits fp32 [B, V] and the new state."""
+        if token_ids.ndim != 1:
+            raise ValueError(f"token_ids must have shape [B], got {tuple(token_ids.shape)}")
+        x = self.backbone.embeddings(token_ids)
+        new_state: ModelState = []
+        for b, block in enumerate(self.backbone.blocks):
+            x, st = block.step(x, None if state is None else state[b])
+            new_state.append(st)
+        return self._head(x), new_state
+
+
+def _gate_linears(model: XLSTMForCausalLM) -> set[nn.Module]:
+    out: set[nn.Module] = set()
+    for block in model.backbone.blocks:
+        layer = block.mlstm_layer
+        for name in ("igate_preact", "fgate_preact", "ifgate_preact"):
+            if hasattr(layer, name):
+                out.add(getattr(layer, name))
+    return out

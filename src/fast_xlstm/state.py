@@ -1,0 +1,79 @@
+"""The recurrent state as a value: helpers over the model's per-block (C, n, m) list.
+
+A state for N sequences is `list[(C [N, NH, DK, DV], n [N, NH, DK], m [N, NH, 1])]`, one tuple per
+block. Its size is fixed per sequence (134 MB in fp32 for the 7B), whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import XLSTMConfig
+from .model import ModelState
+
+
+def init_state(config: XLSTMConfig, batch_size: int, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> ModelState:
+    """The empty state (all zeros, the state every document starts from) for `batch_size` sequences."""
+    if batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+    nh, dk, dv = config.num_heads, config.qk_head_dim, config.v_head_dim
+    return [(torch.zeros(batch_size, nh, dk, dv, dtype=dtype, device=device),
+             torch.zeros(batch_size, nh, dk, dtype=dtype, device=device),
+             torch.zeros(batch_size, nh, 1, dtype=dtype, device=device)) for _ in range(config.num_blocks)]
+
+
+def state_batch_size(state: ModelState) -> int:
+    return int(state[0][0].shape[0])
+
+
+def state_nbytes(state: ModelState) -> int:
+    """Bytes held by the state (all blocks, all sequences)."""
+    return sum(t.numel() * t.element_size() for layer in state for t in layer)
+
+
+def state_bytes_per_sequence(config: XLSTMConfig, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one sequence's state: constant in sequence length."""
+    return config.state_numel_per_sequence() * torch.empty(0, dtype=dtype).element_size()
+
+
+def select_state(state: ModelState, index: torch.Tensor | list[int]) -> ModelState:
+    """Rows `index` of every tensor (a copy): keep, reorder or repeat sequences."""
+    idx = torch.as_tensor(index, dtype=torch.long, device=state[0][0].device)
+    return [tuple(t.index_select(0, idx) for t in layer) for layer in state]
+
+
+def concat_states(states: list[ModelState]) -> ModelState:
+    """Stacks the sequences of several states (same config) into one batch."""
+    if not states:
+        raise ValueError("concat_states needs at least one state")
+    return [tuple(torch.cat([s[b][j] for s in states], 0) for j in range(3)) for b in range(len(states[0]))]
+
+
+def clone_state(state: ModelState) -> ModelState:
+    return [tuple(t.clone() for t in layer) for layer in state]
+
+
+def cast_state(state: ModelState, *, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None) -> ModelState:
+    return [tuple(t.to(device=device, dtype=dtype) for t in layer) for layer in state]
+
+
+def save_state(state: ModelState, path: str | Path) -> None:
+    """Writes a state to a safetensors file (e.g. to resume a conversation later)."""
+    tensors = {f"blocks.{b}.{name}": t.contiguous().cpu()
+               for b, layer in enumerate(state) for name, t in zip("Cnm", layer)}
+    save_file(tensors, str(path), metadata={"format": "fast_xlstm.state", "num_blocks": str(len(state))})
+
+
+def load_state(path: str | Path, *, device: str | torch.device = "cpu") -> ModelState:
+    """Reads a state written by `save_state`."""
+    tensors = load_file(str(path), device=str(device))
+    num_blocks = len({k.split(".")[1] for k in tensors})
+    try:
+        return [tuple(tensors[f"blocks.{b}.{name}"] for name in "Cnm") for b in range(num_blocks)]
+    except KeyError as exc:
+        raise ValueError(f"{path}: not a state file written by save_state (missing {exc})") from exc
