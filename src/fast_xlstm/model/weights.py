@@ -158,7 +158,7 @@ def load_model(cls: type, path: str | Path, *, dtype: torch.dtype | str | None, 
         raise ValueError(f"{path}: unexpected tensor(s) in checkpoint: {', '.join(sorted(unexpected)[:8])}"
                          + (" ..." if len(unexpected) > 8 else ""))
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.backbone.embeddings.weight
+        model.tie_weights()
         loaded.add("lm_head.weight")
     missing = sorted(set(expected) - loaded)
     if missing:

@@ -66,7 +66,11 @@ class XLSTMForCausalLM(nn.Module):
         self.config = config
         self.backbone = XLSTMBackbone(config)
         self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Shares the embedding matrix with the head when the config ties them."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
 
     # ---- construction and I/O ------------------------------------------------------------------
@@ -81,6 +85,7 @@ class XLSTMForCausalLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)
+        model.tie_weights()  # to_empty makes new tensors, which would untie them
         init_weights(model, recipe=init, seed=seed)
         model.cast(dtype)
         return model.eval()
