@@ -10,6 +10,7 @@ Tolerance: fp32, max |diff| / max |reference| <= 1e-4 for logits, states and nex
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -104,13 +105,16 @@ def test_transformers_reference_parity(tmp_path, name):
 
     ids = random_ids((2, 45), vocab=CONFIGS[name].vocab_size, seed=32)
     out = ref(ids, use_cache=True)
+    # transformers renamed `cache_params` to `cache` (5.2x); accept both.
+    cache_name = "cache" if "cache" in inspect.signature(ref.forward).parameters else "cache_params"
+    cache = getattr(out, cache_name)
     logits, state = loaded(ids)
     assert rel_err(logits, out.logits) < TOL
     for b in range(CONFIGS[name].num_blocks):
-        for ours_t, ref_t in zip(state[b], out.cache.rnn_state[b]):
+        for ours_t, ref_t in zip(state[b], cache.rnn_state[b]):
             assert rel_err(ours_t, ref_t) < TOL
 
     nxt = random_ids((2, 1), vocab=CONFIGS[name].vocab_size, seed=33)
-    ref_next = ref(nxt, cache=out.cache, use_cache=True).logits
+    ref_next = ref(nxt, **{cache_name: cache}, use_cache=True).logits
     our_next, _ = loaded.step(nxt[:, 0], state)
     assert rel_err(our_next, ref_next[:, 0]) < TOL
