@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -7,8 +9,8 @@ from fast_xlstm.generation.sampling import (
     add_token_counts_,
     apply_penalties,
     apply_temperature_topk_topp_minp,
-    exponential_noise,
-    make_generator,
+    counter_exponential_noise,
+    resolve_seed,
     prompt_mask_from_ids,
     sample,
     sample_tokens,
@@ -26,13 +28,20 @@ def _rows(b: int, **kw: float) -> dict[str, torch.Tensor]:
     }
 
 
+def _sample(logits: torch.Tensor, **rows: torch.Tensor) -> torch.Tensor:
+    """`sample` with counter noise for rows seeded 0..B-1 at step 0 (fresh noise per row)."""
+    b, v = logits.shape
+    noise = counter_exponential_noise(torch.arange(b), torch.zeros(b, dtype=torch.int64), v)
+    return sample(logits, **rows, noise=noise)
+
+
 def _logits(b: int = 6, v: int = 97, seed: int = 0) -> torch.Tensor:
     return torch.randn(b, v, generator=torch.Generator().manual_seed(seed)) * 3
 
 
 def test_greedy_is_argmax() -> None:
     logits = _logits()
-    tokens = sample(logits, **_rows(6, temperature=0.0))
+    tokens = _sample(logits, **_rows(6, temperature=0.0))
     assert torch.equal(tokens, logits.argmax(-1))
     assert tokens.dtype == torch.int64 and tokens.shape == (6,)
 
@@ -41,14 +50,14 @@ def test_greedy_is_argmax() -> None:
 def test_top_k_1_is_greedy(seed: int) -> None:
     logits = _logits(seed=seed)
     torch.manual_seed(seed)
-    assert torch.equal(sample(logits, **_rows(6, top_k=1, temperature=1.5)), logits.argmax(-1))
+    assert torch.equal(_sample(logits, **_rows(6, top_k=1, temperature=1.5)), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_tiny_top_p_is_greedy(seed: int) -> None:
     logits = _logits(seed=seed)
     torch.manual_seed(seed)
-    assert torch.equal(sample(logits, **_rows(6, top_p=1e-6)), logits.argmax(-1))
+    assert torch.equal(_sample(logits, **_rows(6, top_p=1e-6)), logits.argmax(-1))
 
 
 def test_filters_off_only_scale_by_temperature() -> None:
@@ -84,7 +93,7 @@ def test_min_p_keeps_tokens_above_fraction_of_max() -> None:
     assert torch.isfinite(out[0]).tolist() == [True, True, True, False, False, False]
     logits = _logits(b=1, v=500)
     torch.manual_seed(0)
-    draws = sample(logits.expand(4000, -1).contiguous(), **_rows(4000, min_p=0.2))
+    draws = _sample(logits.expand(4000, -1).contiguous(), **_rows(4000, min_p=0.2))
     p = logits.softmax(-1)[0]
     allowed = set((p >= 0.2 * p.max()).nonzero().flatten().tolist())
     assert set(draws.tolist()) <= allowed and len(set(draws.tolist())) > 1
@@ -95,7 +104,7 @@ def test_sampling_frequencies_follow_tempered_softmax(temperature: float) -> Non
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
     n = 40_000
     torch.manual_seed(1234)
-    draws = sample(logits.expand(n, -1).contiguous(), **_rows(n, temperature=temperature))
+    draws = _sample(logits.expand(n, -1).contiguous(), **_rows(n, temperature=temperature))
     freq = torch.bincount(draws, minlength=5).float() / n
     expected = (logits / temperature).softmax(-1)
     # 4 sigma of a binomial proportion at n=40k is < 0.01
@@ -108,7 +117,7 @@ def test_higher_temperature_is_flatter() -> None:
     top_share = []
     for t in (0.3, 1.0, 3.0):
         torch.manual_seed(7)
-        draws = sample(logits.expand(n, -1).contiguous(), **_rows(n, temperature=t))
+        draws = _sample(logits.expand(n, -1).contiguous(), **_rows(n, temperature=t))
         top_share.append((draws == 0).float().mean().item())
     assert top_share[0] > 0.99 and top_share[0] > top_share[1] > top_share[2] > 0.4
 
@@ -148,8 +157,9 @@ def _decode_steps(params: list[SamplingParams], logits_seq: list[torch.Tensor], 
     st = SamplingTensors.from_params(params, vocab_size=logits_seq[0].shape[-1], device="cpu")
     counts = torch.zeros(len(params), logits_seq[0].shape[-1], dtype=torch.int32)
     out = []
-    for logits in logits_seq:
-        tokens = sample_tokens(logits[: len(params)].clone(), st, counts)
+    for step, logits in enumerate(logits_seq):
+        steps = torch.full((len(params),), step, dtype=torch.int64)
+        tokens = sample_tokens(logits[: len(params)].clone(), st, steps, counts)
         add_token_counts_(counts, tokens)
         out.append(int(tokens[row_of_interest]))
     return out
@@ -182,17 +192,26 @@ def test_different_seeds_differ() -> None:
     assert len(runs) == 4
 
 
-def test_explicit_noise_and_generators() -> None:
+def test_counter_noise_is_a_pure_function_of_seed_step_and_token() -> None:
+    seeds, steps = torch.tensor([1, 2, 1]), torch.tensor([0, 0, 5])
+    noise = counter_exponential_noise(seeds, steps, 5000)
+    assert noise.shape == (3, 5000) and bool(torch.isfinite(noise).all()) and bool((noise > 0).all())
+    alone = counter_exponential_noise(torch.tensor([2]), torch.tensor([0]), 5000)
+    assert torch.equal(noise[1], alone[0])  # independent of the other rows
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    # Exp(1): mean 1, variance 1, P(X > 1) = e^-1 (50k draws: a few standard errors of slack).
+    big = counter_exponential_noise(torch.arange(10), torch.zeros(10, dtype=torch.int64), 5000).double()
+    assert abs(big.mean().item() - 1) < 0.02 and abs(big.var().item() - 1) < 0.05
+    assert abs((big > 1).double().mean().item() - math.exp(-1)) < 0.01
+    # Neighbouring seeds and steps are not correlated.
+    a = counter_exponential_noise(torch.tensor([7]), torch.tensor([3]), 20000)[0]
+    b = counter_exponential_noise(torch.tensor([8]), torch.tensor([3]), 20000)[0]
+    c = counter_exponential_noise(torch.tensor([7]), torch.tensor([4]), 20000)[0]
+    assert abs(torch.corrcoef(torch.stack([a, b, c]))[0, 1:]).max() < 0.05
     logits = _logits(b=3, v=50)
-    noise = exponential_noise((3, 50), [make_generator(1, "cpu"), None, make_generator(2, "cpu")], "cpu")
-    assert noise.shape == (3, 50) and bool((noise > 0).all())
-    tokens = sample(logits, **_rows(3), noise=noise)
-    assert torch.equal(tokens, (logits.softmax(-1) / noise).argmax(-1))
-    g_row = torch.empty(50).exponential_(generator=make_generator(1, "cpu"))
-    assert torch.equal(noise[0], g_row.clamp_min(torch.finfo(torch.float32).tiny))
-    assert make_generator(None, "cpu") is None
-    with pytest.raises(ValueError, match="generators"):
-        exponential_noise((2, 5), [None], "cpu")
+    tokens = sample(logits, **_rows(3), noise=noise[:, :50])
+    assert torch.equal(tokens, (logits.softmax(-1) / noise[:, :50]).argmax(-1))
+    assert resolve_seed(5) == 5 and resolve_seed(None) != resolve_seed(None)
 
 
 def test_sampling_tensors_from_params() -> None:
@@ -200,12 +219,12 @@ def test_sampling_tensors_from_params() -> None:
     st = SamplingTensors.from_params(params, vocab_size=1024, device="cpu")
     assert st.top_k.tolist() == [0, 0, 0] and st.temperature.tolist() == [0.0, 1.0, 1.0]
     assert not st.all_greedy and st.do_top_p and not st.do_top_k and not st.do_min_p and not st.do_penalties
-    assert st.generators == [None, None, None]
+    assert st.seeds.shape == (3,) and st.seeds.dtype == torch.int64
     greedy = SamplingTensors.from_params([SamplingParams(temperature=0, top_k=5)], 10, "cpu")
     assert greedy.all_greedy and not greedy.do_top_k
     pen = SamplingTensors.from_params([SamplingParams(presence_penalty=1.0, seed=3)], 10, "cpu")
-    assert pen.do_penalties and isinstance(pen.generators[0], torch.Generator)
+    assert pen.do_penalties and pen.seeds.tolist() == [3]
     with pytest.raises(ValueError, match="token_counts"):
-        sample_tokens(torch.zeros(1, 10), pen)
-    with pytest.raises(ValueError, match="generators"):
-        SamplingTensors.from_params(params, 1024, "cpu", generators=[None])
+        sample_tokens(torch.zeros(1, 10), pen, torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="seeds"):
+        SamplingTensors.from_params(params, 1024, "cpu", seeds=[1])

@@ -18,7 +18,7 @@ from ..state import concat_states, init_state, select_state
 from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer
 from .params import SamplingParams
-from .sampling import SamplingTensors, add_token_counts_, make_generator, prompt_mask_from_ids, sample_tokens
+from .sampling import SamplingTensors, add_token_counts_, prompt_mask_from_ids, resolve_seed, sample_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +55,14 @@ class _Request:
     """Host-side bookkeeping of one running request."""
 
     def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer | None,
-                 stop_ids: set[int], device: torch.device):
+                 stop_ids: set[int]):
         self.index, self.params = index, params
         self.out = GenerationOutput(prompt_token_ids=prompt_ids)
         if params.logprobs is not None:
             self.out.logprobs, self.out.top_logprobs = [], []
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
         self.stop_ids = stop_ids
-        self.generator = make_generator(params.seed, device)
+        self.seed = resolve_seed(params.seed)
         self.full_text = ""  # detokenized so far, before stop-string truncation
         self.emitted = 0  # characters of the final text already streamed
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # chars a stop string may still claim
@@ -159,7 +159,7 @@ def stream_generate(model: XLSTMForCausalLM, tokenizer: Tokenizer | None,
     base_stop = set(model.config.stop_token_ids)
     if tokenizer is not None:
         base_stop.add(tokenizer.eos_token_id)
-    reqs = [_Request(j, ids, p, tokenizer, set() if p.ignore_eos else base_stop, device)
+    reqs = [_Request(j, ids, p, tokenizer, set() if p.ignore_eos else base_stop)
             for j, (ids, p) in enumerate(zip(prompt_ids, plist))]
     if outputs is not None:
         outputs[:] = [r.out for r in reqs]
@@ -168,10 +168,11 @@ def stream_generate(model: XLSTMForCausalLM, tokenizer: Tokenizer | None,
     active = list(range(n))
     counts = torch.zeros(n, vocab, dtype=torch.int32, device=device)
     prompt_mask = prompt_mask_from_ids(prompt_ids, vocab, device)
-    st = SamplingTensors.from_params(plist, vocab, device, generators=[r.generator for r in reqs])
+    st = SamplingTensors.from_params(plist, vocab, device, seeds=[r.seed for r in reqs])
     with torch.inference_mode():
         while True:
-            tokens = sample_tokens(logits, st, counts, prompt_mask)
+            steps = torch.tensor([len(reqs[j].out.token_ids) for j in active], device=device)
+            tokens = sample_tokens(logits, st, steps, counts, prompt_mask)
             add_token_counts_(counts, tokens)
             logp = torch.log_softmax(logits, -1) if any(reqs[j].params.logprobs is not None for j in active) else None
             keep = []
@@ -199,7 +200,7 @@ def stream_generate(model: XLSTMForCausalLM, tokenizer: Tokenizer | None,
                 tokens, counts, prompt_mask = tokens[idx], counts[idx], prompt_mask[idx]
                 active = [active[row] for row in keep]
                 st = SamplingTensors.from_params([reqs[j].params for j in active], vocab, device,
-                                                 generators=[reqs[j].generator for j in active])
+                                                 seeds=[reqs[j].seed for j in active])
             logits, state = model.step(tokens, state)
 
 

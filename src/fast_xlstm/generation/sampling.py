@@ -3,8 +3,9 @@
 No host syncs and no loops over the batch, except drawing the per-row noise for seeded rows, so
 that a CUDA-graph decode step can reuse the same functions on static buffers. Sampling uses the
 exponential race ``argmax(probs / q)``, ``q ~ Exp(1)`` i.i.d. (equivalent to Gumbel-max): given
-the noise it is one batched op, and a row seeded with its own ``torch.Generator`` draws the same
-tokens whatever else is in the batch.
+the noise it is one batched op. The noise is a pure function of (request seed, step, token id)
+(``counter_exponential_noise``), so a seeded request draws the same tokens whatever else is in the
+batch, on CPU and GPU, in eager code and inside a CUDA graph.
 
 Order of operations (vLLM / HF): penalties -> temperature -> top-k -> top-p -> min-p -> sample.
 Rows with temperature < ``GREEDY_EPS`` take the argmax of the penalized logits.
@@ -27,8 +28,8 @@ __all__ = [
     "add_token_counts_",
     "apply_penalties",
     "apply_temperature_topk_topp_minp",
-    "exponential_noise",
-    "make_generator",
+    "counter_exponential_noise",
+    "resolve_seed",
     "prompt_mask_from_ids",
     "sample",
     "sample_tokens",
@@ -133,40 +134,51 @@ def apply_temperature_topk_topp_minp(
     return logits.masked_fill(mask, float("-inf"))
 
 
-# --------------------------------------------------------------------------- sampling
-def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
-    """A ``torch.Generator`` on ``device`` seeded with ``seed``, or None (use the global RNG).
+# --------------------------------------------------------------------------- noise
+_MASK64 = (1 << 64) - 1
 
-    Keep one per request for its whole life, so its draws continue step after step.
+
+def _signed(x: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _STEP_MUL = _signed(0x9E3779B97F4A7C15), _signed(0xD1B54A32D192ED03)
+_MIX1, _MIX2 = _signed(0xFF51AFD7ED558CCD), _signed(0xC4CEB9FE1A85EC53)
+
+
+def _shr(x: Tensor, n: int) -> Tensor:
+    """Logical right shift of int64 bits (`>>` on int64 is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def counter_exponential_noise(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
+    """[B, V] Exp(1) noise that is a pure function of (seed, step, token id).
+
+    A counter-based generator (murmur3's 64-bit finalizer over a Weyl sequence): row b's noise
+    depends only on its request's seed and its step number, never on other rows, on batch order or
+    on how many draws came before; it needs no host sync and no RNG state, so a CUDA graph can run
+    it on static buffers, and CPU and GPU draw the same values. int64 multiplies wrap (two's
+    complement), which is what the hash needs.
+
+    Args:
+        seeds: [B] int64 per-request seeds; steps: [B] int64 per-request step counters.
     """
-    if seed is None:
-        return None
-    g = torch.Generator(device=torch.device(device))
-    g.manual_seed(seed)
-    return g
+    cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    x = (seeds.to(torch.int64)[:, None] * _GOLDEN + steps.to(torch.int64)[:, None] * _STEP_MUL) ^ cols[None, :]
+    x = x * _GOLDEN
+    x = (x ^ _shr(x, 33)) * _MIX1
+    x = (x ^ _shr(x, 33)) * _MIX2
+    x = x ^ _shr(x, 33)
+    u = (_shr(x, 40).to(torch.float32) + 0.5) * (2.0 ** -24)  # 24 bits -> (0, 1), never 0 or 1
+    return -torch.log(u)
 
 
-def exponential_noise(
-    shape: tuple[int, int],
-    generators: Sequence[torch.Generator | None] | None,
-    device: torch.device | str,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """[B, V] i.i.d. Exp(1) noise; row b drawn from ``generators[b]`` when it is not None.
-
-    A seeded row's noise depends only on its generator's state and V, never on other rows.
-    Unseeded rows draw from the global RNG of ``device``.
-    """
-    if generators is not None and len(generators) != shape[0]:
-        raise ValueError(f"got {len(generators)} generators for {shape[0]} rows")
-    noise = torch.empty(shape, device=device, dtype=dtype)
-    if generators is None or all(g is None for g in generators):
-        noise.exponential_()
-    else:
-        for row, g in zip(noise, generators):
-            row.exponential_(generator=g)
-    # Exp(1) can underflow to 0 in low precision; keep the division finite.
-    return noise.clamp_min_(torch.finfo(dtype).tiny)
+def resolve_seed(seed: int | None) -> int:
+    """The request's seed, or a fresh random one (so unseeded requests still differ)."""
+    if seed is not None:
+        return int(seed) & ((1 << 63) - 1)
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def sample(
@@ -175,8 +187,7 @@ def sample(
     top_k: Tensor,
     top_p: Tensor,
     min_p: Tensor,
-    generators: Sequence[torch.Generator | None] | None = None,
-    noise: Tensor | None = None,
+    noise: Tensor,
     *,
     do_top_k: bool = True,
     do_top_p: bool = True,
@@ -188,8 +199,7 @@ def sample(
         logits: [B, V] fp32, already penalized (see ``apply_penalties``).
         temperature, top_p, min_p: [B] float; top_k: [B] int (see
             ``apply_temperature_topk_topp_minp``).
-        generators: per-row ``torch.Generator`` or None (global RNG); ignored when ``noise`` given.
-        noise: optional [B, V] Exp(1) noise (e.g. a static buffer filled outside a CUDA graph).
+        noise: [B, V] Exp(1) noise, e.g. from ``counter_exponential_noise``.
         do_top_k, do_top_p, do_min_p: skip hints, see ``apply_temperature_topk_topp_minp``.
     Returns:
         [B] int64 token ids.
@@ -199,8 +209,6 @@ def sample(
         logits, temperature, top_k, top_p, min_p, do_top_k=do_top_k, do_top_p=do_top_p, do_min_p=do_min_p
     )
     probs = filtered.softmax(dim=-1)
-    if noise is None:
-        noise = exponential_noise(tuple(probs.shape), generators, probs.device, probs.dtype)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(temperature < GREEDY_EPS, greedy, sampled)
 
@@ -210,9 +218,9 @@ def sample(
 class SamplingTensors:
     """Per-row sampling parameters of a batch as [B] tensors, plus host-side skip hints.
 
-    Build once per batch composition and reuse across decode steps. ``generators`` must persist
-    per request across steps: pass each request's own generator (see ``make_generator``) when the
-    batch changes; ``from_params`` without ``generators`` seeds fresh ones.
+    Build once per batch composition and reuse across decode steps. Each request keeps one seed for
+    its whole life: pass the requests' resolved seeds when the batch changes (``from_params``
+    without ``seeds`` resolves them from the params, drawing random ones for unseeded requests).
     """
 
     temperature: Tensor  # [B] fp32
@@ -222,7 +230,7 @@ class SamplingTensors:
     repetition_penalty: Tensor  # [B] fp32
     presence_penalty: Tensor  # [B] fp32
     frequency_penalty: Tensor  # [B] fp32
-    generators: list[torch.Generator | None]
+    seeds: Tensor  # [B] int64
     all_greedy: bool
     do_top_k: bool
     do_top_p: bool
@@ -235,13 +243,13 @@ class SamplingTensors:
         params: Sequence[SamplingParams],
         vocab_size: int,
         device: torch.device | str,
-        generators: Sequence[torch.Generator | None] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> SamplingTensors:
         """Stack ``params`` into [B] tensors on ``device``; top_k -1 and >= vocab_size become 0."""
-        if generators is None:
-            generators = [make_generator(p.seed, device) for p in params]
-        elif len(generators) != len(params):
-            raise ValueError(f"got {len(generators)} generators for {len(params)} params")
+        if seeds is None:
+            seeds = [resolve_seed(p.seed) for p in params]
+        elif len(seeds) != len(params):
+            raise ValueError(f"got {len(seeds)} seeds for {len(params)} params")
         top_k = [0 if p.top_k < 0 or p.top_k >= vocab_size else p.top_k for p in params]
 
         def f32(values: list[float]) -> Tensor:
@@ -256,7 +264,7 @@ class SamplingTensors:
             repetition_penalty=f32([p.repetition_penalty for p in params]),
             presence_penalty=f32([p.presence_penalty for p in params]),
             frequency_penalty=f32([p.frequency_penalty for p in params]),
-            generators=list(generators),
+            seeds=torch.tensor(list(seeds), dtype=torch.int64, device=device),
             all_greedy=not sampled,
             do_top_k=any(0 < k for k, p in zip(top_k, params) if not p.is_greedy),
             do_top_p=any(p.top_p < 1.0 for p in sampled),
@@ -268,6 +276,7 @@ class SamplingTensors:
 def sample_tokens(
     logits: Tensor,
     st: SamplingTensors,
+    steps: Tensor,
     token_counts: Tensor | None = None,
     prompt_mask: Tensor | None = None,
 ) -> Tensor:
@@ -276,6 +285,7 @@ def sample_tokens(
     Args:
         logits: [B, V] fp32.
         st: the batch's ``SamplingTensors``.
+        steps: [B] int64, how many tokens each row's request has generated so far.
         token_counts: [B, V] generated-token counts; needed when ``st.do_penalties``.
         prompt_mask: [B, V] bool prompt tokens (for the repetition penalty), or None.
     Returns:
@@ -295,7 +305,7 @@ def sample_tokens(
         st.top_k,
         st.top_p,
         st.min_p,
-        st.generators,
+        counter_exponential_noise(st.seeds, steps, logits.shape[-1]),
         do_top_k=st.do_top_k,
         do_top_p=st.do_top_p,
         do_min_p=st.do_min_p,
