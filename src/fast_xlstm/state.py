@@ -77,3 +77,45 @@ def load_state(path: str | Path, *, device: str | torch.device = "cpu") -> Model
         return [tuple(tensors[f"blocks.{b}.{name}"] for name in "Cnm") for b in range(num_blocks)]
     except KeyError as exc:
         raise ValueError(f"{path}: not a state file written by save_state (missing {exc})") from exc
+
+
+class StatePool:
+    """Preallocated states of `num_slots` sequences (the serving analogue of a KV cache).
+
+    `layers` is a ModelState with `num_slots` rows that the model's `step_slots` and the prefill
+    update in place; a request holds one row (slot) for its whole life. Admission is by slot, not
+    by page: every sequence needs the same bytes whatever its length. Which slot is free is the
+    scheduler's business (pure Python); this class only holds the tensors.
+    """
+
+    def __init__(self, config: XLSTMConfig, num_slots: int, *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self.layers: ModelState = init_state(config, num_slots, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return state_nbytes(self.layers)
+
+    def _index(self, slots: list[int] | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(slots, dtype=torch.long, device=self.layers[0][0].device)
+
+    def reset(self, slots: list[int] | torch.Tensor) -> None:
+        """Sets rows `slots` to the empty state (where every document starts)."""
+        idx = self._index(slots)
+        for layer in self.layers:
+            for t in layer:
+                t.index_fill_(0, idx, 0)
+
+    def read(self, slots: list[int] | torch.Tensor) -> ModelState:
+        """A copy of the rows `slots` (e.g. to prefill from, snapshot or fork a sequence)."""
+        return select_state(self.layers, self._index(slots))
+
+    def write(self, slots: list[int] | torch.Tensor, state: ModelState) -> None:
+        """Copies `state` (len(slots) sequences) into the rows `slots`."""
+        idx = self._index(slots)
+        for pool_layer, layer in zip(self.layers, state):
+            for pool_t, t in zip(pool_layer, layer):
+                pool_t.index_copy_(0, idx, t.to(pool_t.dtype))

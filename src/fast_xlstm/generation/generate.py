@@ -9,87 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from ..model import ModelState, XLSTMForCausalLM
 from ..state import concat_states, init_state, select_state
 from ..tokenizer import Tokenizer
-from .detokenizer import IncrementalDetokenizer
 from .params import SamplingParams
-from .sampling import SamplingTensors, add_token_counts_, prompt_mask_from_ids, resolve_seed, sample_tokens
+from .sampling import SamplingTensors, add_token_counts_, prompt_mask_from_ids, sample_tokens, token_logprobs
+from .tracker import GenerationOutput, RequestTracker, StreamEvent, stop_token_ids
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StreamEvent:
-    """One generated token of request `index`: the text it completed (maybe "") and, on the last
-    event of a request, why it finished ("stop" or "length")."""
-
-    index: int
-    token_id: int
-    text: str
-    finish_reason: str | None = None
-    logprob: float | None = None
-    top_logprobs: dict[int, float] | None = None
-
-
-@dataclass
-class GenerationOutput:
-    """Result of one prompt. `state` has consumed the prompt and every generated token except the
-    last one (which is in `token_ids` and, for chat, is fed at the start of the next turn)."""
-
-    prompt_token_ids: list[int]
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    logprobs: list[float] | None = None
-    top_logprobs: list[dict[int, float]] | None = None
-    state: ModelState | None = None
-
-
-class _Request:
-    """Host-side bookkeeping of one running request."""
-
-    def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer | None,
-                 stop_ids: set[int]):
-        self.index, self.params = index, params
-        self.out = GenerationOutput(prompt_token_ids=prompt_ids)
-        if params.logprobs is not None:
-            self.out.logprobs, self.out.top_logprobs = [], []
-        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
-        self.stop_ids = stop_ids
-        self.seed = resolve_seed(params.seed)
-        self.full_text = ""  # detokenized so far, before stop-string truncation
-        self.emitted = 0  # characters of the final text already streamed
-        self.hold = max((len(s) for s in params.stop), default=1) - 1  # chars a stop string may still claim
-
-    def accept(self, token: int) -> str:
-        """Adds a sampled token, decides whether the request is finished; returns the text to stream."""
-        out, p = self.out, self.params
-        out.token_ids.append(token)
-        if self.detok is not None:
-            self.full_text += self.detok.step(token)
-        if token in self.stop_ids or token in p.stop_token_ids:
-            out.finish_reason, out.stop_reason = "stop", token
-        elif len(out.token_ids) >= p.max_tokens:
-            out.finish_reason = "length"
-        if out.finish_reason and self.detok is not None:
-            self.full_text += self.detok.flush()
-        text = self.full_text
-        # A stop string cannot start inside text already streamed: `hold` characters were kept back.
-        found = [(at, s) for s in p.stop if (at := text.find(s, self.emitted)) >= 0]
-        if found:
-            at, s = min(found)  # the earliest stop string wins
-            text = text[:at + (len(s) if p.include_stop_str_in_output else 0)]
-            out.finish_reason, out.stop_reason = "stop", s
-        out.text = text
-        ready = len(text) if out.finish_reason else max(self.emitted, len(text) - self.hold)
-        delta, self.emitted = text[self.emitted:ready], max(self.emitted, ready)
-        return delta
 
 
 def _as_list(x, n: int, name: str) -> list:
@@ -156,11 +86,9 @@ def stream_generate(model: XLSTMForCausalLM, tokenizer: Tokenizer | None,
     n = len(prompt_ids)
     plist = _as_list(params if params is not None else SamplingParams(), n, "SamplingParams")
     device, vocab = model.device, model.config.vocab_size
-    base_stop = set(model.config.stop_token_ids)
-    if tokenizer is not None:
-        base_stop.add(tokenizer.eos_token_id)
-    reqs = [_Request(j, ids, p, tokenizer, set() if p.ignore_eos else base_stop)
-            for j, (ids, p) in enumerate(zip(prompt_ids, plist))]
+    base_stop = stop_token_ids(model.config.stop_token_ids, tokenizer)
+    reqs = [RequestTracker(ids, p, tokenizer, set() if p.ignore_eos else base_stop)
+            for ids, p in zip(prompt_ids, plist)]
     if outputs is not None:
         outputs[:] = [r.out for r in reqs]
 
@@ -174,19 +102,15 @@ def stream_generate(model: XLSTMForCausalLM, tokenizer: Tokenizer | None,
             steps = torch.tensor([len(reqs[j].out.token_ids) for j in active], device=device)
             tokens = sample_tokens(logits, st, steps, counts, prompt_mask)
             add_token_counts_(counts, tokens)
-            logp = torch.log_softmax(logits, -1) if any(reqs[j].params.logprobs is not None for j in active) else None
+            ks = [reqs[j].params.logprobs for j in active if reqs[j].params.logprobs is not None]
+            lps = [t.tolist() for t in token_logprobs(logits, tokens, max(ks))] if ks else None
             keep = []
             for row, (j, tok) in enumerate(zip(active, tokens.tolist())):
                 r = reqs[j]
                 text = r.accept(tok)
                 lp = top = None
-                if logp is not None and r.params.logprobs is not None:
-                    lp = float(logp[row, tok])
-                    k = r.params.logprobs
-                    vals, ids = logp[row].topk(k) if k else (logp[row, :0], logp[row, :0].long())
-                    top = dict(zip(ids.tolist(), vals.tolist()))
-                    r.out.logprobs.append(lp)
-                    r.out.top_logprobs.append(top)
+                if lps is not None and r.params.logprobs is not None:
+                    lp, top = r.add_logprobs(lps[0][row], lps[1][row], lps[2][row])
                 if r.out.finish_reason is None:
                     keep.append(row)
                 else:

@@ -29,6 +29,7 @@ __all__ = [
     "apply_penalties",
     "apply_temperature_topk_topp_minp",
     "counter_exponential_noise",
+    "token_logprobs",
     "resolve_seed",
     "prompt_mask_from_ids",
     "sample",
@@ -310,3 +311,11 @@ def sample_tokens(
         do_top_p=st.do_top_p,
         do_min_p=st.do_min_p,
     )
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probabilities of the model's distribution (before penalties and filters, as OpenAI and
+    vLLM report them): the chosen tokens' [B], and the top-k values [B, k] and ids [B, k]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top_vals, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+    return logp.gather(1, tokens.view(-1, 1)).squeeze(1), top_vals, top_ids

@@ -97,3 +97,13 @@ class MLSTMLayer(nn.Module):
         h, state = ops.mlstm_step(q.reshape(B, nh, -1), k.reshape(B, nh, -1), v.reshape(B, nh, -1), i, f, state,
                                   eps=self.eps)
         return self._output(h, o), state
+
+    def step_slots(self, u: torch.Tensor, pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
+        """One decode step on state-pool rows: u [B, d] -> y [B, d]; pool rows `slots` (-1 = skip)
+        are updated in place, so the step can run inside a CUDA graph on static buffers."""
+        B = u.shape[0]
+        q, k, v, o, i, f = self._project(u)
+        nh = self.num_heads
+        h = ops.mlstm_step_slots_(q.reshape(B, nh, -1), k.reshape(B, nh, -1), v.reshape(B, nh, -1), i, f,
+                                  *pool, slots, eps=self.eps)
+        return self._output(h, o)

@@ -44,6 +44,11 @@ class MLSTMBlock(nn.Module):
         return x + self.ffn(self.norm_ffn(x)), state
 
 
+    def step_slots(self, x: torch.Tensor, pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
+        x = x + self.mlstm_layer.step_slots(self.norm_mlstm(x), pool, slots)
+        return x + self.ffn(self.norm_ffn(x))
+
+
 class XLSTMBackbone(nn.Module):
     def __init__(self, config: XLSTMConfig):
         super().__init__()
@@ -196,6 +201,21 @@ class XLSTMForCausalLM(nn.Module):
             x, st = block.step(x, None if state is None else state[b])
             new_state.append(st)
         return self._head(x), new_state
+
+
+    def step_slots(self, token_ids: torch.Tensor, pool: ModelState, slots: torch.Tensor) -> torch.Tensor:
+        """One decode step for B rows whose states live in a state pool (updated in place).
+
+        Args:
+            token_ids: [B] tokens; pool: per-block (C [P, ...], n, m) tensors of P sequences;
+            slots: [B] int32 pool rows, -1 = skip (padding rows of a CUDA-graph bucket).
+        Returns:
+            logits fp32 [B, V].
+        """
+        x = self.backbone.embeddings(token_ids)
+        for block, layer_pool in zip(self.backbone.blocks, pool):
+            x = block.step_slots(x, layer_pool, slots)
+        return self._head(x)
 
 
 def _gate_linears(model: XLSTMForCausalLM) -> set[nn.Module]:
