@@ -16,10 +16,11 @@ import torch
 from ._checks import MLSTMState, zero_state
 from .chunkwise_torch import mlstm_chunkwise_torch
 from .reference import mlstm_quadratic, mlstm_recurrent, mlstm_step_torch
+from .step_slots_torch import mlstm_step_slots_torch_
 
 __all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "mlstm_quadratic",
            "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
-           "available_backends"]
+           "available_backends", "mlstm_step_slots_", "mlstm_step_slots_torch_"]
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,12 @@ class Backend:
     step: Callable[..., tuple[torch.Tensor, MLSTMState]]
     supports: Callable[[torch.Tensor], bool]
     priority: int = 0
+    step_slots: Callable[..., torch.Tensor] | None = None  # in-place pool step; None = the torch twin
 
 
 _BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", mlstm_chunkwise_torch, mlstm_step_torch, lambda t: True, priority=0),
+    "torch": Backend("torch", mlstm_chunkwise_torch, mlstm_step_torch, lambda t: True, priority=0,
+                     step_slots=mlstm_step_slots_torch_),
 }
 
 
@@ -75,3 +78,14 @@ def mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tenso
                ) -> tuple[torch.Tensor, MLSTMState]:
     """Single decode step. Shapes: see `reference.mlstm_step_torch`."""
     return resolve_backend(q, backend).step(q, k, v, i, f, state, eps=eps)
+
+
+def mlstm_step_slots_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                      C: torch.Tensor, n: torch.Tensor, m: torch.Tensor, slots: torch.Tensor, *, eps: float = 1e-6,
+                      backend: str | None = None) -> torch.Tensor:
+    """Decode step on state-pool rows `slots` (-1 = skip), updating the pool in place; returns h.
+
+    Shapes: see `step_slots_torch.mlstm_step_slots_torch_`.
+    """
+    impl = resolve_backend(q, backend).step_slots or mlstm_step_slots_torch_
+    return impl(q, k, v, i, f, C, n, m, slots, eps=eps)
