@@ -11,7 +11,7 @@ import fast_xlstm
 ROOT = Path(fast_xlstm.__file__).parent
 LAYERS = {
     "config": 0, "ops": 1, "model": 2, "tokenizer": 2, "state": 3, "generation": 4, "loading": 4,
-    "engine": 5, "server": 6, "training": 7, "eval": 7, "bench": 7, "cli": 8, "__main__": 9, "__init__": 9,
+    "engine": 5, "llm": 5, "server": 6, "training": 7, "eval": 7, "bench": 7, "cli": 8, "__main__": 9, "__init__": 9,
 }
 
 

@@ -1,0 +1,123 @@
+"""The engine loop: take requests, ask the scheduler what to run, run it, report what came out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..generation.generate import encode_prompts
+from ..generation.params import SamplingParams
+from ..generation.tracker import GenerationOutput, RequestTracker, stop_token_ids
+from ..model import XLSTMForCausalLM
+from ..tokenizer import Tokenizer
+from .request import Request, RequestStatus
+from .runner import DecodeMode, ModelRunner, StepResult
+from .scheduler import Scheduler
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request: the new text and tokens since the last
+    report, and the whole output so far (`output`)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    new_text: str
+    new_token_ids: list[int]
+    output: GenerationOutput
+    finished: bool
+
+
+class LLMEngine:
+    """Continuous batching over a state-slot pool.
+
+    `add_request` queues; each `step()` admits requests into free slots, runs one chunk of prefill
+    (bounded by `max_num_batched_tokens`) and one decode token for every running request, and
+    returns the requests that produced something. `abort` frees a slot at once.
+    """
+
+    def __init__(self, model: XLSTMForCausalLM, tokenizer: Tokenizer | None, *, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 16384, state_dtype: torch.dtype = torch.float32,
+                 use_cuda_graph: bool | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.runner = ModelRunner(model, num_slots=max_num_seqs, state_dtype=state_dtype,
+                                  use_cuda_graph=use_cuda_graph)
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._stop_ids = stop_token_ids(model.config.stop_token_ids, tokenizer)
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "prefill_time": 0.0, "decode_time": 0.0}
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queues a prompt (text or token ids); returns its request id."""
+        params = params or SamplingParams()
+        ids = encode_prompts([prompt] if isinstance(prompt, str) else [list(prompt)], self.tokenizer,
+                             self.model.config.vocab_size)[0]
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        tracker = RequestTracker(ids, params, self.tokenizer, set() if params.ignore_eos else self._stop_ids)
+        req = Request(rid, ids, params, tracker, prompt=prompt if isinstance(prompt, str) else None)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its slot now; False if it is unknown or already finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None or req.finished:
+            return False
+        self.scheduler.finish(req, RequestStatus.ABORTED)
+        req.tracker.out.finish_reason = req.tracker.out.finish_reason or "abort"
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        for req in sched.newly_admitted:
+            self.runner.start_request(req.slot, req.prompt_token_ids, req.params, req.tracker.seed)
+        emitted: dict[str, RequestOutput] = {}
+        # Decode first: the requests that were running before this step's prefill.
+        if sched.decode:
+            t0 = time.perf_counter()
+            params = [r.params for r in sched.decode]
+            result = self.runner.decode([r.slot for r in sched.decode], DecodeMode.of(params))
+            self.stats["decode_time"] += time.perf_counter() - t0
+            self._accept(sched.decode, result, emitted)
+        if sched.prefill:
+            t0 = time.perf_counter()
+            chunks = sched.prefill
+            result = self.runner.prefill([c.request.slot for c in chunks],
+                                         [c.request.prompt_token_ids[c.start:c.end] for c in chunks],
+                                         [c.is_last for c in chunks], [c.request.params for c in chunks])
+            self.stats["prefill_time"] += time.perf_counter() - t0
+            for c in chunks:
+                c.request.num_prefilled = c.end
+                self.stats["prompt_tokens"] += c.end - c.start
+            done = [c.request for c in chunks if c.is_last]
+            now = time.monotonic()
+            for r in done:
+                r.first_token_time = now
+            self._accept(done, result, emitted)
+        return list(emitted.values())
+
+    def _accept(self, reqs: list[Request], result: StepResult, emitted: dict[str, RequestOutput]) -> None:
+        for row, (req, tok) in enumerate(zip(reqs, result.tokens)):
+            tr = req.tracker
+            if result.logprobs is not None and req.params.logprobs is not None:
+                tr.add_logprobs(result.logprobs[row], result.top_vals[row], result.top_ids[row])
+            text = tr.accept(tok)
+            self.stats["generation_tokens"] += 1
+            finished = tr.out.finish_reason is not None
+            if finished:
+                self.scheduler.finish(req)
+                self.requests.pop(req.request_id, None)
+            emitted[req.request_id] = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, text, [tok],
+                                                    tr.out, finished)

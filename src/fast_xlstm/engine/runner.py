@@ -1,0 +1,230 @@
+"""The model runner: owns every tensor of serving (state pool, per-slot sampling inputs, CUDA graphs).
+
+Per-slot buffers have one extra row, index `num_slots`, that padding rows of a graph bucket read
+and write, so a padded batch never touches a live request. The decode step (embedding, all blocks,
+head, soft cap, penalties, sampling, logprobs) reads everything it needs from these buffers through
+the slot indices, so a step's only host inputs are the slot list, and its only output is the
+sampled tokens: on CUDA it is one graph replay per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..generation.params import SamplingParams
+from ..generation.sampling import (apply_penalties, counter_exponential_noise, prompt_mask_from_ids, sample,
+                                   token_logprobs)
+from ..model import XLSTMForCausalLM
+from ..state import StatePool
+
+logger = logging.getLogger(__name__)
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LOGPROBS_K = 20  # the most alternatives a decode step reports (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class DecodeMode:
+    """Which decode variant a batch needs; each is a separate CUDA graph per bucket."""
+
+    sample: bool  # False: argmax for every row
+    filters: bool  # any top-k / top-p / min-p
+    penalties: bool  # any repetition / presence / frequency penalty
+    logprobs: bool  # any row wants logprobs
+    logits: bool = False  # also keep the step's raw logits in `out_logits` (tests, debugging)
+
+    @classmethod
+    def of(cls, params: list[SamplingParams]) -> "DecodeMode":
+        return cls(sample=any(not p.is_greedy for p in params),
+                   filters=any(not p.is_greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
+                   penalties=any(p.has_penalties for p in params),
+                   logprobs=any(p.logprobs is not None for p in params))
+
+
+@dataclass
+class StepResult:
+    """Per batch row: sampled token, and (when asked) its logprob and the top alternatives."""
+
+    tokens: list[int]
+    logits: torch.Tensor | None = None  # [B, V] when the mode asked for them
+    logprobs: list[float] | None = None
+    top_vals: list[list[float]] | None = None
+    top_ids: list[list[int]] | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: XLSTMForCausalLM, *, num_slots: int, state_dtype: torch.dtype = torch.float32,
+                 use_cuda_graph: bool | None = None):
+        self.model = model
+        self.device = model.device
+        self.vocab = model.config.vocab_size
+        self.num_slots = P = num_slots
+        self.pool = StatePool(model.config, P, dtype=state_dtype, device=self.device)
+        self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        if self.use_cuda_graph and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        dev = self.device
+
+        def buf(value: float, dtype: torch.dtype) -> torch.Tensor:
+            return torch.full((P + 1,), value, dtype=dtype, device=dev)
+
+        self.last_token = buf(0, torch.long)
+        self.steps = buf(0, torch.long)
+        self.seeds = buf(0, torch.long)
+        self.temperature, self.top_k = buf(1.0, torch.float32), buf(0, torch.long)
+        self.top_p, self.min_p = buf(1.0, torch.float32), buf(0.0, torch.float32)
+        self.rep, self.pres, self.freq = buf(1.0, torch.float32), buf(0.0, torch.float32), buf(0.0, torch.float32)
+        self.counts: torch.Tensor | None = None  # [P + 1, V] int32, made when a request uses penalties
+        self.prompt_mask: torch.Tensor | None = None  # [P + 1, V] bool
+        self.buckets = sorted({b for b in GRAPH_BUCKETS if b < P} | {P})  # batch sizes with a graph
+        max_b = self.buckets[-1]
+        self.slot_buf = torch.full((max_b,), -1, dtype=torch.int32, device=dev)
+        self.out_tokens = torch.zeros(max_b, dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros(max_b, device=dev)
+        self.out_top_vals = torch.zeros(max_b, LOGPROBS_K, device=dev)
+        self.out_top_ids = torch.zeros(max_b, LOGPROBS_K, dtype=torch.long, device=dev)
+        self.out_logits: torch.Tensor | None = None  # [max bucket, V], made on first use
+        self._graphs: dict[tuple[int, DecodeMode], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+
+    # ---- per-request setup ----------------------------------------------------------------------
+    def start_request(self, slot: int, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
+        """Empties the slot's state and loads the request's sampling parameters into the slot buffers."""
+        self.pool.reset([slot])
+        self.steps[slot] = 0
+        self.seeds[slot] = seed
+        self.temperature[slot] = params.temperature
+        self.top_k[slot] = params.top_k if 0 < params.top_k < self.vocab else 0
+        self.top_p[slot], self.min_p[slot] = params.top_p, params.min_p
+        self.rep[slot], self.pres[slot], self.freq[slot] = (params.repetition_penalty, params.presence_penalty,
+                                                           params.frequency_penalty)
+        if params.has_penalties and self.counts is None:
+            self.counts = torch.zeros(self.num_slots + 1, self.vocab, dtype=torch.int32, device=self.device)
+            self.prompt_mask = torch.zeros(self.num_slots + 1, self.vocab, dtype=torch.bool, device=self.device)
+            self._graphs.clear()  # captured graphs do not read the new buffers
+        if self.counts is not None:
+            self.counts[slot] = 0
+            self.prompt_mask[slot] = prompt_mask_from_ids([prompt_ids], self.vocab, self.device)[0] \
+                if params.repetition_penalty != 1.0 else False
+
+    # ---- prefill ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slots: list[int], pieces: list[list[int]], last: list[bool], modes: list[SamplingParams]
+                ) -> StepResult:
+        """Runs prompt pieces packed in one row, from each slot's current state, writing states back.
+
+        Rows whose piece ends their prompt (`last`) get their first token sampled; returns those.
+        """
+        dev = self.device
+        lengths = torch.tensor([len(p) for p in pieces])
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(dev)
+        packed = torch.tensor([t for p in pieces for t in p], dtype=torch.long, device=dev)[None]
+        state = self.pool.read(slots)
+        logits, state = self.model(packed, state, cu_seqlens=cu, last_logits_only=True)
+        self.pool.write(slots, state)
+        rows = [j for j, is_last in enumerate(last) if is_last]
+        if not rows:
+            return StepResult(tokens=[])
+        sl = torch.tensor([slots[j] for j in rows], device=dev)
+        return self._sample_and_record(logits[rows], sl, DecodeMode.of([modes[j] for j in rows]))
+
+    # ---- decode -----------------------------------------------------------------------------------
+    def _sample_and_record(self, logits: torch.Tensor, rows: torch.Tensor, mode: DecodeMode,
+                           out: torch.Tensor | None = None) -> StepResult | None:
+        """Penalties, sampling and logprobs for rows of per-slot buffers `rows` [B] (scratch = P);
+        records the token into the slot buffers. Graph-safe (no host sync) when `out` is given."""
+        raw = logits
+        if mode.penalties:
+            logits = apply_penalties(logits, self.counts[rows], self.prompt_mask[rows], self.rep[rows],
+                                     self.pres[rows], self.freq[rows])
+        if mode.sample:
+            noise = counter_exponential_noise(self.seeds[rows], self.steps[rows], self.vocab)
+            tokens = sample(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows],
+                            noise, do_top_k=mode.filters, do_top_p=mode.filters, do_min_p=mode.filters)
+        else:
+            tokens = logits.argmax(-1)
+        self.last_token.index_copy_(0, rows, tokens)
+        self.steps.index_add_(0, rows, torch.ones_like(rows))
+        if mode.penalties:
+            self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        lp = tv = ti = None
+        if mode.logprobs:
+            lp, tv, ti = token_logprobs(raw, tokens, LOGPROBS_K)
+        if out is not None:  # graph path: results stay in static buffers
+            n = tokens.shape[0]
+            out[:n].copy_(tokens)
+            if mode.logits:
+                self.out_logits[:n].copy_(raw)
+            if mode.logprobs:
+                self.out_lp[:n].copy_(lp), self.out_top_vals[:n].copy_(tv), self.out_top_ids[:n].copy_(ti)
+            return None
+        if mode.logprobs:
+            return StepResult(tokens.tolist(), raw if mode.logits else None, lp.tolist(), tv.tolist(), ti.tolist())
+        return StepResult(tokens.tolist(), raw if mode.logits else None)
+
+    def _decode_body(self, slots: torch.Tensor, mode: DecodeMode) -> None:
+        """One decode step for the slot list `slots` [B] (-1 = padding), results in `out_*` buffers."""
+        rows = torch.where(slots >= 0, slots, self.num_slots).long()
+        logits = self.model.step_slots(self.last_token[rows], self.pool.layers, slots)
+        self._sample_and_record(logits, rows, mode, out=self.out_tokens)
+
+    def bucket_for(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"batch of {n} exceeds the {self.num_slots} state slots")
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], mode: DecodeMode) -> StepResult:
+        """One token for each request in `slots` (fed its last token), sampled in-device."""
+        n = len(slots)
+        b = self.bucket_for(n)
+        if mode.logits and self.out_logits is None:
+            self.out_logits = torch.zeros(self.buckets[-1], self.vocab, device=self.device)
+        self.slot_buf[:n].copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
+        self.slot_buf[n:b].fill_(-1)
+        if self.use_cuda_graph:
+            graph = self._graphs.get((b, mode)) or self._capture(b, mode)
+            graph.replay()
+        else:
+            self._decode_body(self.slot_buf[:b], mode)
+        tokens = self.out_tokens[:n].tolist()  # the step's one host sync
+        logits = self.out_logits[:n].clone() if mode.logits else None
+        if not mode.logprobs:
+            return StepResult(tokens, logits)
+        return StepResult(tokens, logits, self.out_lp[:n].tolist(), self.out_top_vals[:n].tolist(),
+                          self.out_top_ids[:n].tolist())
+
+    def set_last_tokens(self, slots: list[int], tokens: list[int]) -> None:
+        """Overrides the token each slot feeds next (teacher forcing in tests)."""
+        self.last_token[torch.tensor(slots, device=self.device)] = torch.tensor(tokens, device=self.device)
+
+    def _capture(self, bucket: int, mode: DecodeMode) -> torch.cuda.CUDAGraph:
+        slots = self.slot_buf[:bucket]
+        saved = slots.clone()
+        slots.fill_(-1)  # warm-up and capture on padding rows only: no live request is touched
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_body(slots, mode)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._decode_body(slots, mode)
+        slots.copy_(saved)
+        self._graphs[(bucket, mode)] = graph
+        logger.debug("captured decode graph for batch %d, %s", bucket, mode)
+        return graph
+
+    def capture_all(self, mode: DecodeMode) -> None:
+        """Captures `mode` for every bucket up front (largest first, so the pool fits them all)."""
+        if self.use_cuda_graph:
+            for b in reversed(self.buckets):
+                if (b, mode) not in self._graphs:
+                    self._capture(b, mode)

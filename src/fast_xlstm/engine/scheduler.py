@@ -1,0 +1,93 @@
+"""Decides, each step, which requests prefill which prompt pieces and which decode. No tensors.
+
+Requests join free state slots at any step (continuous batching). Prefill is chunked and shares a
+per-step token budget with decode (each decoding request costs one token), so long prompts never
+stall the running streams for long. When all slots are taken, requests wait in FIFO order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .request import Request, RequestStatus
+
+
+@dataclass
+class PrefillChunk:
+    request: Request
+    start: int  # prompt positions [start, end) run in this step
+    end: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.end >= len(self.request.prompt_token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)
+    newly_admitted: list[Request] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+class Scheduler:
+    """Owns the queue, the running set and the slot numbers (0 .. num_slots-1)."""
+
+    def __init__(self, num_slots: int, max_num_batched_tokens: int):
+        if num_slots < 1 or max_num_batched_tokens < 1:
+            raise ValueError("num_slots and max_num_batched_tokens must be >= 1")
+        self.num_slots = num_slots
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        out.decode = [r for r in self.running if r.prefill_done]
+        budget -= len(out.decode)
+        while self.waiting and self._free_slots:
+            req = self.waiting.popleft()
+            req.slot = self._free_slots.pop()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.newly_admitted.append(req)
+        # Chunked prefill in admission order. The first chunk of a step always runs (at least one
+        # token), so prompts progress even when decoding takes the whole budget.
+        for req in self.running:
+            if req.prefill_done:
+                continue
+            if budget <= 0 and out.prefill:
+                break
+            take = min(len(req.prompt_token_ids) - req.num_prefilled, max(budget, 1))
+            out.prefill.append(PrefillChunk(req, req.num_prefilled, req.num_prefilled + take))
+            budget -= take
+        return out
+
+    def finish(self, request: Request, status: RequestStatus = RequestStatus.FINISHED) -> None:
+        """Removes a running or waiting request and frees its slot at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        if request.slot is not None:
+            self._free_slots.append(request.slot)
+            request.slot = None
+        request.status = status

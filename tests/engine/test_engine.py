@@ -1,0 +1,93 @@
+"""The engine and the offline `LLM` API on a tiny model: same outputs as eager generation under slot
+pressure and chunked prefill, teacher-forced decode through the runner equals a full forward
+(on CUDA through the captured graphs), abort frees slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fast_xlstm import LLM, SamplingParams, generate
+from fast_xlstm.engine.runner import DecodeMode
+
+from modelutil import random_ids, rel_err
+
+PROMPTS = ["Once upon a time", "The river", "A", "Über die Brücke ging 🐟 der Fisch, and then", "x y z",
+           "hello there, how are you doing today?", "7"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    # 3 slots for 7 prompts and an 8-token step budget: queueing and chunked prefill on every run.
+    return LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=3, max_num_batched_tokens=8)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=12),
+    SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=3, max_tokens=10),
+    SamplingParams(temperature=0.7, seed=5, max_tokens=9, repetition_penalty=1.3, presence_penalty=0.5,
+                   frequency_penalty=0.2, logprobs=3),
+    SamplingParams(temperature=0, max_tokens=30, stop=["e"]),
+])
+def test_llm_equals_eager_generate(llm, params):
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    ref = generate(llm.model, llm.tokenizer, PROMPTS, params)
+    for o, r in zip(outs, ref):
+        assert o.token_ids == r.token_ids and o.text == r.text and o.finish_reason == r.finish_reason
+        if params.logprobs is not None:
+            assert o.top_logprobs[0].keys() == r.top_logprobs[0].keys()
+            assert o.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+
+
+def test_llm_mixed_params_and_token_prompts(llm):
+    params = [SamplingParams(temperature=0, max_tokens=5), SamplingParams(temperature=1.0, seed=1, max_tokens=7)]
+    prompts = [[0, 5, 6, 7], "The river"]
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    ref = generate(llm.model, llm.tokenizer, prompts, params)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    assert [len(o.token_ids) for o in outs] == [5, 7]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 3])
+def test_teacher_forced_decode_equals_full_forward(llm, batch):
+    engine = llm.engine
+    runner, model = engine.runner, llm.model
+    seqs = random_ids((batch, 24), seed=batch)
+    slots = [2, 0, 1][:batch]  # not in row order, and with batch 1 two slots idle
+    for slot in slots:
+        runner.start_request(slot, [], SamplingParams(temperature=0), seed=0)
+    prompt = 10
+    runner.prefill(slots, [s[:prompt].tolist() for s in seqs], [True] * batch, [SamplingParams(temperature=0)] * batch)
+    full, _ = model(seqs)
+    mode = DecodeMode(sample=False, filters=False, penalties=False, logprobs=False, logits=True)
+    for t in range(prompt, seqs.shape[1]):
+        runner.set_last_tokens(slots, seqs[:, t].tolist())
+        result = runner.decode(slots, mode)
+        assert rel_err(result.logits.cpu(), full[:, t]) < 1e-4  # fp32 model and state
+    assert not engine.has_unfinished_requests()
+
+
+def test_abort_frees_the_slot(llm):
+    engine = llm.engine
+    ids = [engine.add_request("Once upon a time", SamplingParams(temperature=0, max_tokens=50)) for _ in range(4)]
+    engine.step()
+    assert engine.scheduler.num_free_slots == 0 and len(engine.scheduler.waiting) == 1
+    assert engine.abort(ids[0]) and not engine.abort(ids[0]) and not engine.abort("nope")
+    assert engine.scheduler.num_free_slots == 1
+    for rid in ids[1:]:
+        engine.abort(rid)
+    assert engine.scheduler.num_free_slots == 3 and not engine.has_unfinished_requests()
+
+
+def test_bad_arguments(llm):
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        llm.generate(["a"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        llm.generate([""], use_tqdm=False)
+    with pytest.raises(ValueError, match="state_dtype"):
+        LLM("xlstm-tiny", device="cpu", state_dtype="float16")
+    with pytest.raises(ValueError, match="already in use"):
+        llm.engine.add_request("a", request_id="same"), llm.engine.add_request("b", request_id="same")
+    llm.engine.abort("same")
