@@ -23,7 +23,10 @@ def init_weights(model: nn.Module, *, recipe: str = "7b", seed: int | None = 0) 
     """
     if recipe not in ("7b", "random"):
         raise ValueError(f"unknown init recipe {recipe!r}; use '7b' or 'random'")
-    gen = torch.Generator(device="cpu")
+    device = next(model.parameters()).device
+    # Draw on the parameters' device: a 7B model initialises in seconds on a GPU. Values depend on
+    # the device's generator, so the same seed gives the same model per device type.
+    gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
     cfg = model.config
     d, nb = cfg.embedding_dim, cfg.num_blocks
@@ -31,7 +34,7 @@ def init_weights(model: nn.Module, *, recipe: str = "7b", seed: int | None = 0) 
     wang = 2 / (nb * math.sqrt(d))
 
     def normal_(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
-        t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32) * std + mean)
+        t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32, device=t.device).mul_(std).add_(mean))
 
     normal_(model.backbone.embeddings.weight, small if recipe == "7b" else 1.0)
     if model.lm_head.weight is not model.backbone.embeddings.weight:
