@@ -1,0 +1,1 @@
+"""Benchmarks: `fast-xlstm bench` (ours vs the official xlstm package)."""

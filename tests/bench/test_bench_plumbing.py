@@ -1,0 +1,32 @@
+"""`fast-xlstm bench --quick` on CPU: every measurement of both stacks runs and reports (numbers meaningless)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fast_xlstm.cli import main
+
+
+def test_bench_quick_writes_json_markdown_and_plots(tmp_path):
+    pytest.importorskip("xlstm")
+    assert main(["bench", "--model", "xlstm-tiny", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert set(data["results"]) == {"fast-xlstm", "xlstm (official)"}
+    for res in data["results"].values():
+        assert [r["prompt"] for r in res["ttft"]] == [8, 32] and all(r["ms"] > 0 for r in res["ttft"])
+        assert [r["batch"] for r in res["decode_batch"]] == [1, 2, 4]
+        assert all(r["tok_s"] > 0 and r["gb_s"] > 0 for r in res["decode_batch"] + res["decode_after_prompt"])
+        assert all(r["tok_s"] > 0 for r in res["prefill"]) and len(res["memory"]) == 2
+    assert data["meta"]["commit"] and data["meta"]["parameters"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "Time to first token" in md and "ratio" in md
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "decode_batch.png").stat().st_size > 1000
+
+
+def test_bench_rejects_unknown_model_and_stack(tmp_path, capsys):
+    assert main(["bench", "--model", "nope", "--quick", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--model", "xlstm-tiny", "--stacks", "ours,theirs", "--quick", "--out", str(tmp_path)]) == 2
+    assert "unknown stack" in capsys.readouterr().err
