@@ -54,20 +54,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "parameters": model.num_parameters(), "sizes": vars(sizes)}
     results: dict[str, dict] = {}
-    max_batch = max(sizes.decode_batches + [b for b, _ in sizes.prefill_shapes])
+    stacks = {"ours": OursStack, "official": OfficialStack}
     for stack_name in args.stacks.split(","):
-        if stack_name == "ours":
-            stack = OursStack(model, max_batch=max_batch, state_dtype=state_dtype)
-        elif stack_name == "official":
-            try:
-                stack = OfficialStack(model, max_batch=max_batch, state_dtype=state_dtype)
-            except ImportError as exc:
-                logger.warning("official stack skipped: %s (install the dev extra)", exc)
-                continue
-        else:
+        if stack_name not in stacks:
             raise ValueError(f"unknown stack {stack_name!r}; use ours, official")
-        results[stack.name] = run_suite(stack, model, sizes, state_dtype)
-        del stack
+    for stack_name in args.stacks.split(","):
+        cls = stacks[stack_name]
+        try:
+            cls(model, max_batch=1, state_dtype=state_dtype)
+        except ImportError as exc:
+            logger.warning("%s stack skipped: %s (install the dev extra)", stack_name, exc)
+            continue
+        results[cls.name] = run_suite(lambda b, cls=cls: cls(model, max_batch=b, state_dtype=state_dtype), model,
+                                      sizes, state_dtype)
         gc.collect()
         if model.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -42,13 +42,16 @@ def _state_bytes(model, dtype: torch.dtype) -> int:
     return model.config.state_numel_per_sequence() * torch.empty(0, dtype=dtype).element_size()
 
 
-def run_suite(stack, model, sizes: SuiteSizes, state_dtype: torch.dtype) -> dict[str, list[dict]]:
-    """All measurements for one stack. `model` is our model (for sizes and roofline counts)."""
+def run_suite(make_stack, model, sizes: SuiteSizes, state_dtype: torch.dtype) -> dict[str, list[dict]]:
+    """All measurements for one stack; `make_stack(max_batch)` builds it (sized per measurement, so
+    the batch-1 memory run holds one sequence's state, not a 256-slot pool). `model` is our model,
+    for sizes and roofline counts."""
     dev, vocab = model.device, model.config.vocab_size
     wbytes, mparams = weight_bytes(model), matmul_params(model)
     sbytes = _state_bytes(model, state_dtype)
     out: dict[str, list[dict]] = {"ttft": [], "decode_after_prompt": [], "decode_batch": [], "prefill": [],
                                   "memory": []}
+    stack = make_stack(max(sizes.decode_batches + [b for b, _ in sizes.prefill_shapes]))
 
     for p in sizes.ttft_prompts:
         ids = _ids((1, p), vocab, dev, seed=p)
@@ -86,8 +89,10 @@ def run_suite(stack, model, sizes: SuiteSizes, state_dtype: torch.dtype) -> dict
                                "tflops": 2 * mparams * b * ctx / t / 1e12})
 
     # Peak memory while generating from the BOS token, at growing generated lengths (one run).
+    del stack
     gc.collect()
     reset_peak(dev)
+    stack = make_stack(1)
     stack.prefill(torch.zeros(1, 1, dtype=torch.long, device=dev))
     done, t0 = 0, time.perf_counter()
     for n in sorted(sizes.memory_lengths):
