@@ -30,6 +30,7 @@ class RequestOutput:
     new_token_ids: list[int]
     output: GenerationOutput
     finished: bool
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache or a session, not prefilled
 
 
 class LLMEngine:
@@ -53,8 +54,12 @@ class LLMEngine:
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "prefill_time": 0.0, "decode_time": 0.0}
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queues a prompt (text or token ids); returns its request id."""
+                    request_id: str | None = None, session_id: str | None = None) -> str:
+        """Queues a prompt (text or token ids); returns its request id.
+
+        `session_id`: a conversation whose final state the engine keeps, so that a later request of
+        the same session whose prompt extends this one's prompt + output prefills only the new tokens.
+        """
         params = params or SamplingParams()
         ids = encode_prompts([prompt] if isinstance(prompt, str) else [list(prompt)], self.tokenizer,
                              self.model.config.vocab_size)[0]
