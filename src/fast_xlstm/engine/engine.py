@@ -16,6 +16,7 @@ from ..tokenizer import Tokenizer
 from .request import Request, RequestStatus
 from .runner import DecodeMode, ModelRunner, StepResult
 from .scheduler import Scheduler
+from .state_cache import Session, StateCache, prefix_keys
 
 
 @dataclass
@@ -39,19 +40,33 @@ class LLMEngine:
     `add_request` queues; each `step()` admits requests into free slots, runs one chunk of prefill
     (bounded by `max_num_batched_tokens`) and one decode token for every running request, and
     returns the requests that produced something. `abort` frees a slot at once.
+
+    Prefix cache: prompt states are snapshotted every `prefix_block` tokens, keyed by the token
+    prefix; a request whose prompt starts with a cached prefix starts from the longest one.
+    Sessions: a finished request with a `session_id` leaves its state behind; the session's next
+    request prefills only what its prompt adds. Both are bounded LRUs (device, then host memory),
+    and a miss only means a longer prefill with the same result.
     """
 
     def __init__(self, model: XLSTMForCausalLM, tokenizer: Tokenizer | None, *, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, state_dtype: torch.dtype = torch.float32,
-                 use_cuda_graph: bool | None = None):
+                 use_cuda_graph: bool | None = None, enable_prefix_cache: bool = True, prefix_block: int = 512,
+                 cache_device_bytes: int = 4 << 30, cache_host_bytes: int = 16 << 30,
+                 max_sessions_device_bytes: int = 4 << 30, max_sessions_host_bytes: int = 16 << 30):
         self.model, self.tokenizer = model, tokenizer
         self.runner = ModelRunner(model, num_slots=max_num_seqs, state_dtype=state_dtype,
                                   use_cuda_graph=use_cuda_graph)
-        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
+        self.prefix_block = prefix_block if enable_prefix_cache else 0
+        self.prefix_cache: StateCache[bytes] | None = (
+            StateCache(cache_device_bytes, cache_host_bytes) if enable_prefix_cache else None)
+        self.sessions: StateCache[str] = StateCache(max_sessions_device_bytes, max_sessions_host_bytes)
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, block=self.prefix_block,
+                                   on_admit=self._on_admit)
         self.requests: dict[str, Request] = {}
         self._stop_ids = stop_token_ids(model.config.stop_token_ids, tokenizer)
         self._ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "prefill_time": 0.0, "decode_time": 0.0}
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generation_tokens": 0, "prefill_time": 0.0,
+                      "decode_time": 0.0}
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, session_id: str | None = None) -> str:
@@ -67,7 +82,8 @@ class LLMEngine:
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         tracker = RequestTracker(ids, params, self.tokenizer, set() if params.ignore_eos else self._stop_ids)
-        req = Request(rid, ids, params, tracker, prompt=prompt if isinstance(prompt, str) else None)
+        req = Request(rid, ids, params, tracker, prompt=prompt if isinstance(prompt, str) else None,
+                      session_id=session_id)
         self.requests[rid] = req
         self.scheduler.add(req)
         return rid
@@ -84,10 +100,35 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def get_session(self, session_id: str) -> Session | None:
+        """What a session's kept state has consumed (None if unknown or evicted)."""
+        meta = self.sessions.peek_meta(session_id)
+        return meta if isinstance(meta, Session) else None
+
+    def _on_admit(self, req: Request) -> None:
+        """A request got a slot: load its sampling setup, then start it from the best cached state."""
+        self.runner.start_request(req.slot, req.prompt_token_ids, req.params, req.tracker.seed)
+        prompt = req.prompt_token_ids
+        if req.session_id is not None:
+            session = self.get_session(req.session_id)
+            n = len(session.tokens) if session else 0
+            if session and n < len(prompt) and prompt[:n] == session.tokens:
+                self.runner.restore(req.slot, self.sessions.get(req.session_id)[0])
+                req.num_prefilled = req.num_cached = n
+        if self.prefix_cache is not None:
+            req.prefix_keys = prefix_keys(prompt, self.prefix_block)
+            for j in range(len(req.prefix_keys) - 1, -1, -1):
+                end = (j + 1) * self.prefix_block
+                if end <= req.num_prefilled:
+                    break  # the session already got further
+                if end < len(prompt) and req.prefix_keys[j] in self.prefix_cache:
+                    self.runner.restore(req.slot, self.prefix_cache.get(req.prefix_keys[j])[0])
+                    req.num_prefilled = req.num_cached = end
+                    break
+        self.stats["cached_tokens"] += req.num_cached
+
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        for req in sched.newly_admitted:
-            self.runner.start_request(req.slot, req.prompt_token_ids, req.params, req.tracker.seed)
         emitted: dict[str, RequestOutput] = {}
         # Decode first: the requests that were running before this step's prefill.
         if sched.decode:
@@ -106,12 +147,20 @@ class LLMEngine:
             for c in chunks:
                 c.request.num_prefilled = c.end
                 self.stats["prompt_tokens"] += c.end - c.start
+                self._snapshot_prefix(c.request, c.end)
             done = [c.request for c in chunks if c.is_last]
             now = time.monotonic()
             for r in done:
                 r.first_token_time = now
             self._accept(done, result, emitted)
         return list(emitted.values())
+
+    def _snapshot_prefix(self, req: Request, end: int) -> None:
+        if self.prefix_cache is None or end % self.prefix_block or end == 0:
+            return
+        key = req.prefix_keys[end // self.prefix_block - 1]
+        if key not in self.prefix_cache:
+            self.prefix_cache.put(key, self.runner.snapshot(req.slot))
 
     def _accept(self, reqs: list[Request], result: StepResult, emitted: dict[str, RequestOutput]) -> None:
         for row, (req, tok) in enumerate(zip(reqs, result.tokens)):
@@ -122,7 +171,10 @@ class LLMEngine:
             self.stats["generation_tokens"] += 1
             finished = tr.out.finish_reason is not None
             if finished:
+                if req.session_id is not None:  # the state has consumed the prompt and all but the last token
+                    self.sessions.put(req.session_id, self.runner.snapshot(req.slot),
+                                      Session(req.prompt_token_ids + tr.out.token_ids[:-1]))
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
             emitted[req.request_id] = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, text, [tok],
-                                                    tr.out, finished)
+                                                    tr.out, finished, req.num_cached)

@@ -28,6 +28,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     slot: int | None = None
     num_prefilled: int = 0
+    num_cached: int = 0  # prompt tokens restored from the prefix cache or the session
+    session_id: str | None = None
+    prefix_keys: list[bytes] = field(default_factory=list)  # chained hashes of prompt blocks
     first_token_time: float | None = None
 
     @property

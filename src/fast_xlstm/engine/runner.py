@@ -17,7 +17,7 @@ import torch
 from ..generation.params import SamplingParams
 from ..generation.sampling import (apply_penalties, counter_exponential_noise, prompt_mask_from_ids, sample,
                                    token_logprobs)
-from ..model import XLSTMForCausalLM
+from ..model import ModelState, XLSTMForCausalLM
 from ..state import StatePool
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,13 @@ class ModelRunner:
             self.counts[slot] = 0
             self.prompt_mask[slot] = prompt_mask_from_ids([prompt_ids], self.vocab, self.device)[0] \
                 if params.repetition_penalty != 1.0 else False
+
+    def snapshot(self, slot: int) -> ModelState:
+        """A copy of the slot's state (for the prefix cache or a session)."""
+        return self.pool.read([slot])
+
+    def restore(self, slot: int, state: ModelState) -> None:
+        self.pool.write([slot], state)
 
     # ---- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -8,6 +8,7 @@ stall the running streams for long. When all slots are taken, requests wait in F
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .request import Request, RequestStatus
@@ -38,11 +39,17 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the queue, the running set and the slot numbers (0 .. num_slots-1)."""
 
-    def __init__(self, num_slots: int, max_num_batched_tokens: int):
+    def __init__(self, num_slots: int, max_num_batched_tokens: int, *, block: int = 0,
+                 on_admit: Callable[[Request], None] | None = None):
+        """`block`: prefill chunks end on multiples of it where they can (prefix-cache snapshot points);
+        `on_admit(request)`: called when a request gets its slot, before its first chunk is planned
+        (the engine restores cached state there and advances `num_prefilled`)."""
         if num_slots < 1 or max_num_batched_tokens < 1:
             raise ValueError("num_slots and max_num_batched_tokens must be >= 1")
         self.num_slots = num_slots
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.block = block
+        self.on_admit = on_admit
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._free_slots = list(range(num_slots - 1, -1, -1))
@@ -69,6 +76,8 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.newly_admitted.append(req)
+            if self.on_admit is not None:
+                self.on_admit(req)
         # Chunked prefill in admission order. The first chunk of a step always runs (at least one
         # token), so prompts progress even when decoding takes the whole budget.
         for req in self.running:
@@ -76,9 +85,12 @@ class Scheduler:
                 continue
             if budget <= 0 and out.prefill:
                 break
-            take = min(len(req.prompt_token_ids) - req.num_prefilled, max(budget, 1))
-            out.prefill.append(PrefillChunk(req, req.num_prefilled, req.num_prefilled + take))
-            budget -= take
+            start = req.num_prefilled
+            end = start + min(len(req.prompt_token_ids) - start, max(budget, 1))
+            if self.block and end < len(req.prompt_token_ids) and (end // self.block) * self.block > start:
+                end = (end // self.block) * self.block  # stop on a snapshot point
+            out.prefill.append(PrefillChunk(req, start, end))
+            budget -= end - start
         return out
 
     def finish(self, request: Request, status: RequestStatus = RequestStatus.FINISHED) -> None:
