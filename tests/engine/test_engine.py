@@ -91,3 +91,35 @@ def test_bad_arguments(llm):
     with pytest.raises(ValueError, match="already in use"):
         llm.engine.add_request("a", request_id="same"), llm.engine.add_request("b", request_id="same")
     llm.engine.abort("same")
+
+
+def test_n_completions_fork_one_prefill(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=6)
+    before = engine.stats["prompt_tokens"]
+    rid = engine.add_request("Once upon a time", params, n=3)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert set(done) == {rid, f"{rid}:1", f"{rid}:2"} and [done[r].index for r in sorted(done)] == [0, 1, 2]
+    prompt_len = len(done[rid].prompt_token_ids)
+    assert engine.stats["prompt_tokens"] - before == prompt_len  # prefilled once for three completions
+    # Completion i equals a lone request with seed 11 + i (same prompt state, own seed).
+    for i, r in enumerate((rid, f"{rid}:1", f"{rid}:2")):
+        alone = llm.generate(["Once upon a time"], SamplingParams(temperature=1.0, seed=11 + i, max_tokens=6),
+                             use_tqdm=False)[0]
+        assert done[r].output.token_ids == alone.token_ids
+    assert len({tuple(o.output.token_ids) for o in done.values()}) > 1
+    with pytest.raises(ValueError, match="n must be"):
+        engine.add_request("x", params, n=0)
+    with pytest.raises(ValueError, match="n=4 completions need more than the 3 slots"):
+        engine.add_request("x", params, n=4)
+
+
+def test_abort_parent_aborts_waiting_siblings(llm):
+    engine = llm.engine
+    rid = engine.add_request("Once upon a time", SamplingParams(max_tokens=50), n=2)
+    assert engine.abort(rid)
+    assert not engine.has_unfinished_requests() and engine.scheduler.num_free_slots == 3

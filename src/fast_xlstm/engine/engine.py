@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ class RequestOutput:
     output: GenerationOutput
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache or a session, not prefilled
+    index: int = 0  # which of the request's n completions (request id of completion i > 0: f"{id}:{i}")
 
 
 class LLMEngine:
@@ -69,32 +71,46 @@ class LLMEngine:
                       "decode_time": 0.0}
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, session_id: str | None = None) -> str:
+                    request_id: str | None = None, session_id: str | None = None, n: int = 1) -> str:
         """Queues a prompt (text or token ids); returns its request id.
 
         `session_id`: a conversation whose final state the engine keeps, so that a later request of
         the same session whose prompt extends this one's prompt + output prefills only the new tokens.
+        `n`: completions of the prompt. The prompt is prefilled once and its state forked into n
+        slots; completion i > 0 has request id f"{request_id}:{i}" and seed `params.seed + i`.
         """
         params = params or SamplingParams()
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
         ids = encode_prompts([prompt] if isinstance(prompt, str) else [list(prompt)], self.tokenizer,
                              self.model.config.vocab_size)[0]
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.requests:
+        all_ids = [rid] + [f"{rid}:{i}" for i in range(1, n)]
+        if any(r in self.requests for r in all_ids):
             raise ValueError(f"request id {rid!r} is already in use")
-        tracker = RequestTracker(ids, params, self.tokenizer, set() if params.ignore_eos else self._stop_ids)
-        req = Request(rid, ids, params, tracker, prompt=prompt if isinstance(prompt, str) else None,
-                      session_id=session_id)
-        self.requests[rid] = req
-        self.scheduler.add(req)
+        text = prompt if isinstance(prompt, str) else None
+        reqs = []
+        for i, r in enumerate(all_ids):
+            p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            tracker = RequestTracker(ids, p, self.tokenizer, set() if p.ignore_eos else self._stop_ids)
+            reqs.append(Request(r, ids, p, tracker, prompt=text, session_id=session_id if i == 0 else None,
+                                index=i, parent=reqs[0] if i else None))
+        reqs[0].children = reqs[1:]
+        self.scheduler.add(reqs[0])
+        self.requests.update({r.request_id: r for r in reqs})
         return rid
 
     def abort(self, request_id: str) -> bool:
-        """Stops a request and frees its slot now; False if it is unknown or already finished."""
+        """Stops a request (with its forked siblings) and frees its slots now; False if it is unknown
+        or already finished."""
         req = self.requests.pop(request_id, None)
         if req is None or req.finished:
             return False
-        self.scheduler.finish(req, RequestStatus.ABORTED)
-        req.tracker.out.finish_reason = req.tracker.out.finish_reason or "abort"
+        for r in [req, *req.children]:
+            if not r.finished:
+                self.requests.pop(r.request_id, None)
+                self.scheduler.finish(r, RequestStatus.ABORTED)
+                r.tracker.out.finish_reason = r.tracker.out.finish_reason or "abort"
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -108,6 +124,8 @@ class LLMEngine:
     def _on_admit(self, req: Request) -> None:
         """A request got a slot: load its sampling setup, then start it from the best cached state."""
         self.runner.start_request(req.slot, req.prompt_token_ids, req.params, req.tracker.seed)
+        if req.parent is not None:
+            return  # a forked sibling: it gets its parent's prompt state once that is prefilled
         prompt = req.prompt_token_ids
         if req.session_id is not None:
             session = self.get_session(req.session_id)
@@ -152,8 +170,25 @@ class LLMEngine:
             now = time.monotonic()
             for r in done:
                 r.first_token_time = now
+            self._fork(done, result, emitted)  # before the parents' first tokens can finish them
             self._accept(done, result, emitted)
         return list(emitted.values())
+
+    def _fork(self, parents: list[Request], result: StepResult, emitted: dict[str, RequestOutput]) -> None:
+        """Copies each parent's prompt state into its siblings' slots; each samples its first token
+        from the parent's last-position logits with its own seed."""
+        for row, parent in enumerate(parents):
+            kids = [c for c in parent.children if not c.finished]
+            if not kids:
+                continue
+            snapshot = self.runner.snapshot(parent.slot)
+            for kid in kids:
+                self.runner.restore(kid.slot, snapshot)
+                kid.num_prefilled = len(kid.prompt_token_ids)
+                kid.first_token_time = parent.first_token_time
+            logits = result.logits[row:row + 1].expand(len(kids), -1)
+            self._accept(kids, self.runner.sample_rows(logits, [k.slot for k in kids], [k.params for k in kids]),
+                         emitted)
 
     def _snapshot_prefix(self, req: Request, end: int) -> None:
         if self.prefix_cache is None or end % self.prefix_block or end == 0:
@@ -177,4 +212,4 @@ class LLMEngine:
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
             emitted[req.request_id] = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, text, [tok],
-                                                    tr.out, finished, req.num_cached)
+                                                    tr.out, finished, req.num_cached, req.index)

@@ -32,6 +32,9 @@ class Request:
     session_id: str | None = None
     prefix_keys: list[bytes] = field(default_factory=list)  # chained hashes of prompt blocks
     first_token_time: float | None = None
+    index: int = 0  # which of the n completions of one prompt this is
+    parent: "Request | None" = None  # set on forked siblings: they start from the parent's prompt state
+    children: list["Request"] = field(default_factory=list)
 
     @property
     def prefill_done(self) -> bool:

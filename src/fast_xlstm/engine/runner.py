@@ -135,8 +135,14 @@ class ModelRunner:
         rows = [j for j, is_last in enumerate(last) if is_last]
         if not rows:
             return StepResult(tokens=[])
-        sl = torch.tensor([slots[j] for j in rows], device=dev)
-        return self._sample_and_record(logits[rows], sl, DecodeMode.of([modes[j] for j in rows]))
+        result = self.sample_rows(logits[rows], [slots[j] for j in rows], [modes[j] for j in rows])
+        result.logits = logits[rows]  # kept for forked siblings, which sample from the same distribution
+        return result
+
+    def sample_rows(self, logits: torch.Tensor, slots: list[int], params: list[SamplingParams]) -> StepResult:
+        """Samples one token per row of `logits` [B, V] for the requests in `slots` and records it."""
+        rows = torch.tensor(slots, device=self.device)
+        return self._sample_and_record(logits, rows, DecodeMode.of(params))
 
     # ---- decode -----------------------------------------------------------------------------------
     def _sample_and_record(self, logits: torch.Tensor, rows: torch.Tensor, mode: DecodeMode,

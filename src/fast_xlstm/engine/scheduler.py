@@ -59,7 +59,11 @@ class Scheduler:
         return len(self._free_slots)
 
     def add(self, request: Request) -> None:
-        request.status = RequestStatus.WAITING
+        """Queues a request (and its forked siblings, which travel with it)."""
+        if len(request.children) + 1 > self.num_slots:
+            raise ValueError(f"n={len(request.children) + 1} completions need more than the {self.num_slots} slots")
+        for req in [request, *request.children]:
+            req.status = RequestStatus.WAITING
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -70,18 +74,20 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         out.decode = [r for r in self.running if r.prefill_done]
         budget -= len(out.decode)
-        while self.waiting and self._free_slots:
-            req = self.waiting.popleft()
-            req.slot = self._free_slots.pop()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            out.newly_admitted.append(req)
-            if self.on_admit is not None:
-                self.on_admit(req)
+        # A request with forked siblings (n > 1) is admitted with all of them at once.
+        while self.waiting and len(self._free_slots) > len(self.waiting[0].children):
+            head = self.waiting.popleft()
+            for req in [head, *head.children]:
+                req.slot = self._free_slots.pop()
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                out.newly_admitted.append(req)
+                if self.on_admit is not None:
+                    self.on_admit(req)
         # Chunked prefill in admission order. The first chunk of a step always runs (at least one
         # token), so prompts progress even when decoding takes the whole budget.
         for req in self.running:
-            if req.prefill_done:
+            if req.prefill_done or req.parent is not None:  # siblings get the parent's state instead
                 continue
             if budget <= 0 and out.prefill:
                 break
@@ -99,6 +105,8 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+            for child in request.children:  # still queued with their parent
+                child.status = status
         if request.slot is not None:
             self._free_slots.append(request.slot)
             request.slot = None
