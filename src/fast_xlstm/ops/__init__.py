@@ -7,6 +7,8 @@ elsewhere). `FAST_XLSTM_BACKEND=torch|triton|auto` forces a choice for the whole
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -41,9 +43,43 @@ _BACKENDS: dict[str, Backend] = {
 }
 
 
+_TRITON_MODULE = None  # fast_xlstm.ops.triton once imported, False if that failed
+
+
+def _triton():
+    """Imports the Triton kernels on first use (importing triton is slow and needs a working install)."""
+    global _TRITON_MODULE
+    if _TRITON_MODULE is None:
+        try:
+            from . import triton as mod
+            _TRITON_MODULE = mod
+        except Exception as e:  # broken or CPU-only triton: torch stays the backend
+            log.debug("Triton mLSTM backend unavailable, using torch: %r", e)
+            _TRITON_MODULE = False
+    return _TRITON_MODULE or None
+
+
+def _triton_supports(x: torch.Tensor) -> bool:
+    """CUDA tensors (CPU ones only under TRITON_INTERPRET=1, for tests) of dtype fp32/bf16/fp16."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        return False
+    return _triton() is not None
+
+
 def register_backend(backend: Backend) -> None:
     """Adds (or replaces) a backend; higher priority wins under "auto" where it supports the device."""
     _BACKENDS[backend.name] = backend
+
+
+try:
+    if importlib.util.find_spec("triton") is not None:  # finds the package without importing it
+        _BACKENDS["triton"] = Backend("triton", lambda *a, **kw: _triton().mlstm_chunkwise_triton(*a, **kw),
+                                      lambda *a, **kw: _triton().mlstm_step_triton(*a, **kw), _triton_supports,
+                                      priority=10)
+except Exception as e:  # pragma: no cover - a broken install must not break the torch path
+    log.debug("not registering the Triton mLSTM backend: %r", e)
 
 
 def available_backends() -> list[str]:
