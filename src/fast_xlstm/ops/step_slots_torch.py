@@ -43,11 +43,12 @@ def mlstm_step_slots_torch_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     # the first valid row writes, to the same pool row: duplicate indices then carry identical values,
     # so the result is deterministic on every device. With no valid row, every write is row 0's
     # unchanged value.
-    first = torch.argmax(valid.to(torch.int32))
-    target = torch.where(valid, rows, rows[first])
+    # (index_select with a 1-element index, never x[t] with a 0-d tensor: that syncs to read t.)
+    first = torch.argmax(valid.to(torch.int32)).view(1)
+    target = torch.where(valid, rows, rows.index_select(0, first))
     keep = valid.view(-1, 1, 1)
     for pool, new in ((C, C1), (n, n1), (m, m1)):
         mask = valid.view(-1, *([1] * (new.ndim - 1)))
         new = torch.where(mask, new, pool[rows])
-        pool.index_copy_(0, target, torch.where(mask, new, new[first].unsqueeze(0)))
+        pool.index_copy_(0, target, torch.where(mask, new, new.index_select(0, first)))
     return h * keep.to(h.dtype)
