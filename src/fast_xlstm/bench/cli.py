@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 def _commit() -> str:
+    """The git commit, or $FAST_XLSTM_COMMIT where the tree travelled without .git (GPU machines)."""
+    import os
+
+    if os.environ.get("FAST_XLSTM_COMMIT"):
+        return os.environ["FAST_XLSTM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
