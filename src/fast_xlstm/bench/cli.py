@@ -36,6 +36,12 @@ def _commit() -> str:
         return "unknown"
 
 
+def _backend_name(model: XLSTMForCausalLM) -> str:
+    from ..ops import resolve_backend
+
+    return resolve_backend(model.lm_head.weight).name
+
+
 def _model(args: argparse.Namespace, device: str, dtype: torch.dtype) -> XLSTMForCausalLM:
     if Path(args.model).is_dir():
         return XLSTMForCausalLM.from_pretrained(args.model, dtype=dtype, device=device, fuse=True)
@@ -51,13 +57,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     state_dtype = parse_dtype(args.state_dtype)
     sizes = SuiteSizes.quick() if args.quick else SuiteSizes()
+    if args.compile is None:
+        args.compile = device.startswith("cuda")
     if args.max_batch:
         sizes.decode_batches = [b for b in sizes.decode_batches if b <= args.max_batch]
     model = _model(args, device, dtype)
     meta = {"model": args.model, "device": device_name(model.device), "commit": _commit(), "torch": torch.__version__,
             "dtype": str(dtype).removeprefix("torch."), "state_dtype": str(state_dtype).removeprefix("torch."),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "parameters": model.num_parameters(), "sizes": vars(sizes)}
+            "parameters": model.num_parameters(), "sizes": vars(sizes), "compile_decode": args.compile,
+            "mlstm_backend": _backend_name(model)}
     results: dict[str, dict] = {}
     stacks = {"ours": OursStack, "official": OfficialStack}
     for stack_name in args.stacks.split(","):
@@ -65,13 +74,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown stack {stack_name!r}; use ours, official")
     for stack_name in args.stacks.split(","):
         cls = stacks[stack_name]
+        opts = {"state_dtype": state_dtype, "compile_decode": args.compile}
         try:
-            cls(model, max_batch=1, state_dtype=state_dtype)
+            cls(model, max_batch=1, **opts)
         except ImportError as exc:
             logger.warning("%s stack skipped: %s (install the dev extra)", stack_name, exc)
             continue
-        results[cls.name] = run_suite(lambda b, cls=cls: cls(model, max_batch=b, state_dtype=state_dtype), model,
-                                      sizes, state_dtype)
+        results[cls.name] = run_suite(lambda b, cls=cls: cls(model, max_batch=b, **opts), model, sizes, state_dtype)
         gc.collect()
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -89,6 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="weights (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--state-dtype", default="float32", help="recurrent state: float32 or bfloat16")
     p.add_argument("--max-batch", type=int, default=None, help="largest decode batch to measure")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile our decode step (default: on for CUDA)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, numbers meaningless")
     p.add_argument("--out", default="bench/results/latest")
     p.set_defaults(func=cmd_bench)

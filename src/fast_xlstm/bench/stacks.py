@@ -24,11 +24,13 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 30, ignore_eos=True)
 class OursStack:
     name = "fast-xlstm"
 
-    def __init__(self, model: XLSTMForCausalLM, *, max_batch: int, state_dtype: torch.dtype):
+    def __init__(self, model: XLSTMForCausalLM, *, max_batch: int, state_dtype: torch.dtype,
+                 compile_decode: bool = False):
         from ..engine.runner import DecodeMode, ModelRunner
 
         self.model, self.device = model, model.device
-        self.runner = ModelRunner(model, num_slots=max_batch, state_dtype=state_dtype)
+        self.runner = ModelRunner(model, num_slots=max_batch, state_dtype=state_dtype,
+                                  compile_decode=compile_decode)
         self.mode = DecodeMode.of([GREEDY])
         self.state_dtype = state_dtype
 
@@ -53,7 +55,7 @@ class OursStack:
 class OfficialStack:
     name = "xlstm (official)"
 
-    def __init__(self, model: XLSTMForCausalLM, *, max_batch: int, state_dtype: torch.dtype):
+    def __init__(self, model: XLSTMForCausalLM, *, max_batch: int, state_dtype: torch.dtype, **_: object):
         from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
 
         c: XLSTMConfig = model.config
