@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import register as register_bench
 
     register_bench(sub)
+    from .server.cli import register as register_serve
+
+    register_serve(sub)
     return parser
 
 

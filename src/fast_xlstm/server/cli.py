@@ -1,0 +1,66 @@
+"""`fast-xlstm serve`: load a model, build the engine, serve the OpenAI API with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:  # the serve extra is optional: say how to get it instead of a traceback
+        import uvicorn
+
+        from .api import create_app
+    except ImportError as exc:
+        print(f"[fast-xlstm] serve needs the serve extra (pip install 'fast-xlstm[serve]'): {exc}", file=sys.stderr)
+        return 2
+    from ..llm import LLM
+    from .config import ServerConfig
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(model_names=args.served_model_name or [args.model or "xlstm-tiny"],
+                          api_key=args.api_key or os.environ.get("FAST_XLSTM_API_KEY") or None,
+                          max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
+                          max_request_bytes=args.max_request_bytes, max_n=args.max_n)
+    # The offline `LLM` builds the model exactly as `LLM(model).generate` does (same seed for a
+    # preset's random weights), so the server's outputs equal offline ones.
+    llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype, device=args.device,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              use_cuda_graph=False if args.no_cuda_graph else None)
+    print(f"[fast-xlstm] serving {llm.source} as {', '.join(config.model_names)} on http://{args.host}:{args.port} "
+          f"({llm.model.device}, {args.max_num_seqs} state slots)", file=sys.stderr, flush=True)
+    app = create_app(llm.engine, llm.tokenizer, config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds `serve` to the `fast-xlstm` command line."""
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("--model", default=None, help="checkpoint directory or preset (default: tiny random model)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients pass as `model` (default: the --model argument)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $FAST_XLSTM_API_KEY, else none)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--state-dtype", default="float32", help="recurrent state dtype: float32 | bfloat16")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="state slots: requests decoded together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="prompt tokens per engine step")
+    p.add_argument("--max-model-len", type=int, default=1_000_000,
+                   help="most prompt + generated tokens per request (a recurrent model has no context window; "
+                        "this bounds the work one request may ask for)")
+    p.add_argument("--default-max-tokens", type=int, default=4096,
+                   help="generated tokens when a chat request sets no max_tokens")
+    p.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get a 413")
+    p.add_argument("--max-n", type=int, default=128, help="the most choices (n) per request")
+    p.add_argument("--no-cuda-graph", action="store_true", help="eager decode on CUDA (debugging)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds running requests may finish after SIGINT/SIGTERM before they are aborted")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
