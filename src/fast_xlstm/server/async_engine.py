@@ -12,6 +12,7 @@ that thread (the engine keeps mutating its own output objects) and handed to the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -110,7 +111,8 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
         base = request_id or f"req-{next(self._ids)}"
-        stream = RequestStream([f"{base}-{i}" for i in range(len(subrequests))])
+        # Choice i > 0 is named like the engine names forked completions, so a fork needs no mapping.
+        stream = RequestStream([base] + [f"{base}:{i}" for i in range(1, len(subrequests))])
         cmd = _Add(stream, subrequests, time.monotonic() if arrival is None else arrival)
         self._commands.put(cmd)
         try:
@@ -177,8 +179,17 @@ class AsyncEngine:
         if not cmd.done.set_running_or_notify_cancel():  # the submitter gave up before we got here
             return
         added: list[str] = []
+        subs, rids = cmd.subrequests, cmd.stream.request_ids
         try:
-            for index, (rid, sub) in enumerate(zip(cmd.stream.request_ids, cmd.subrequests)):
+            if _forkable(subs):  # n choices of one prompt: prefill once, fork the state
+                self.engine.add_request(subs[0].prompt_ids, subs[0].params, request_id=rids[0],
+                                        session_id=subs[0].session_id, n=len(subs))
+                added.append(rids[0])
+                for index, rid in enumerate(rids):
+                    self._tracked[rid] = _Tracked(cmd.stream, index, cmd.arrival)
+                cmd.done.set_result(None)
+                return
+            for index, (rid, sub) in enumerate(zip(rids, subs)):
                 self.engine.add_request(sub.prompt_ids, sub.params, request_id=rid, session_id=sub.session_id)
                 added.append(rid)
                 self._tracked[rid] = _Tracked(cmd.stream, index, cmd.arrival)
@@ -267,3 +278,17 @@ def _deliver(batch: list[tuple[RequestStream, Delta]]) -> None:
 def _fail(streams: list[RequestStream], exc: BaseException) -> None:
     for stream in streams:
         stream._put(exc)
+
+
+def _forkable(subs: list[SubRequest]) -> bool:
+    """Several choices of one prompt whose parameters differ only in the seed the engine would give
+    a forked completion (`seed + i`, or no seed at all)."""
+    if len(subs) < 2:
+        return False
+    first = subs[0]
+    for i, sub in enumerate(subs[1:], 1):
+        want_seed = None if first.params.seed is None else first.params.seed + i
+        if (sub.prompt_ids != first.prompt_ids or sub.params.seed != want_seed
+                or dataclasses.replace(sub.params, seed=first.params.seed) != first.params):
+            return False
+    return True
