@@ -1,0 +1,123 @@
+"""Serving benchmark on one GPU (issue 5), in one run:
+
+1. server throughput at 64 and 256 concurrent requests (512 prompt / 256 output tokens), as a ratio
+   to static-batch decode throughput at the same batch size measured in this run;
+2. time to first token with a shared 2,048-token system prompt, prefix cache on vs off.
+
+Usage (from the repo root, with the package importable): python bench/serve_gpu.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_server(out: Path, name: str, port: int, model: str, *extra: str) -> subprocess.Popen:
+    log = open(out / f"server-{name}.log", "w")
+    cmd = [sys.executable, "-m", "fast_xlstm", "serve", "--model", model, "--port", str(port), "--log-level",
+           "warning", *extra]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(900):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {name} exited: {(out / f'server-{name}.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"server {name} not ready")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def load(out: Path, name: str, port: int, *args: str) -> dict:
+    path = out / f"load-{name}.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--base-url", f"http://127.0.0.1:{port}/v1",
+                    "--vocab-size", "50304", "--output", str(path), *args], check=True)
+    return json.loads(path.read_text())
+
+
+def static_decode(model: str, batches: list[int], steps: int = 32) -> dict[int, float]:
+    """Decode tok/s of a static batch through the same runner (no server, no scheduling)."""
+    import torch
+
+    from fast_xlstm.bench.stacks import OursStack
+    from fast_xlstm.bench.timing import wall
+    from fast_xlstm.config import get_preset
+    from fast_xlstm.model import XLSTMForCausalLM
+
+    m = XLSTMForCausalLM.from_config(get_preset(model), dtype=torch.bfloat16, device="cuda", seed=0).fuse_projections()
+    out = {}
+    stack = OursStack(m, max_batch=max(batches), state_dtype=torch.float32)
+    for b in batches:
+        stack.prefill(torch.randint(1, m.config.vocab_size, (b, 512), device="cuda"))
+        stack.decode(b, 2)
+        t = wall(lambda: stack.decode(b, steps), m.device, warmup=0, repeat=2)
+        out[b] = b * steps / t
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/serve")
+    ap.add_argument("--model", default="xlstm-7b")
+    ap.add_argument("--requests", type=int, default=256)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"), "model": args.model}
+
+    port = 8123
+    srv = start_server(out, "cache-on", port, args.model, "--max-num-seqs", "256")
+    try:
+        for c in (64, 256):
+            result[f"concurrency_{c}"] = load(out, f"c{c}", port, "--concurrency", str(c), "--num-requests",
+                                              str(max(args.requests, c)), "--prompt-tokens", "512",
+                                              "--output-tokens", "256", "--warmup", "4")
+        result["ttft_shared_prefix_cache_on"] = load(out, "prefix-on", port, "--concurrency", "1", "--num-requests",
+                                                     "24", "--shared-prefix-tokens", "2048", "--prompt-tokens", "64",
+                                                     "--output-tokens", "8", "--warmup", "2")
+    finally:
+        stop(srv)
+    srv = start_server(out, "cache-off", port, args.model, "--max-num-seqs", "8", "--no-prefix-cache")
+    try:
+        result["ttft_shared_prefix_cache_off"] = load(out, "prefix-off", port, "--concurrency", "1",
+                                                      "--num-requests", "24", "--shared-prefix-tokens", "2048",
+                                                      "--prompt-tokens", "64", "--output-tokens", "8", "--warmup", "2")
+    finally:
+        stop(srv)
+    static = static_decode(args.model, [64, 256])
+    result["static_decode_tok_s"] = static
+    for c in (64, 256):
+        served = result[f"concurrency_{c}"]
+        tput = served["output_throughput_tok_s"]
+        result[f"ratio_served_to_static_{c}"] = tput / static[c] if tput else None
+    on = result["ttft_shared_prefix_cache_on"]["ttft_ms"]["p50"]
+    off = result["ttft_shared_prefix_cache_off"]["ttft_ms"]["p50"]
+    result["ttft_p50_ratio_off_over_on"] = off / on
+    (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict) or k == "static_decode_tok_s"},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
