@@ -80,3 +80,17 @@ def test_finish_waiting_request_and_bad_args():
     assert b.status is RequestStatus.ABORTED and not s.waiting
     with pytest.raises(ValueError):
         Scheduler(0, 4)
+
+
+def test_chunks_stop_on_the_last_block_boundary():
+    s = Scheduler(num_slots=2, max_num_batched_tokens=100, block=8)
+    r = req("r", 20)
+    s.add(r)
+    out = s.schedule()
+    assert [(c.start, c.end, c.is_last) for c in out.prefill] == [(0, 16, False)]
+    run_prefill(out)
+    out = s.schedule()
+    assert [(c.start, c.end, c.is_last) for c in out.prefill] == [(16, 20, True)]
+    exact = req("exact", 16)
+    s.add(exact)
+    assert [(c.start, c.end) for c in s.schedule().prefill] == [(0, 16)]  # ends on a boundary already

@@ -93,8 +93,10 @@ class Scheduler:
                 break
             start = req.num_prefilled
             end = start + min(len(req.prompt_token_ids) - start, max(budget, 1))
-            if self.block and end < len(req.prompt_token_ids) and (end // self.block) * self.block > start:
-                end = (end // self.block) * self.block  # stop on a snapshot point
+            if self.block and (end // self.block) * self.block > start and end % self.block:
+                # Stop on the last snapshot point inside the chunk (even when the prompt would end
+                # in it), so the prefix cache holds the prompt up to there; the tail runs next step.
+                end = (end // self.block) * self.block
             out.prefill.append(PrefillChunk(req, start, end))
             budget -= end - start
         return out
