@@ -91,6 +91,8 @@ def test_chunks_stop_on_the_last_block_boundary():
     run_prefill(out)
     out = s.schedule()
     assert [(c.start, c.end, c.is_last) for c in out.prefill] == [(16, 20, True)]
+    run_prefill(out)
     exact = req("exact", 16)
     s.add(exact)
-    assert [(c.start, c.end) for c in s.schedule().prefill] == [(0, 16)]  # ends on a boundary already
+    out = s.schedule()
+    assert [(c.request.request_id, c.start, c.end) for c in out.prefill] == [("exact", 0, 16)]  # on a boundary
