@@ -43,6 +43,7 @@ _BACKENDS: dict[str, Backend] = {
 }
 
 
+log = logging.getLogger(__name__)
 _TRITON_MODULE = None  # fast_xlstm.ops.triton once imported, False if that failed
 
 
@@ -77,7 +78,7 @@ try:
     if importlib.util.find_spec("triton") is not None:  # finds the package without importing it
         _BACKENDS["triton"] = Backend("triton", lambda *a, **kw: _triton().mlstm_chunkwise_triton(*a, **kw),
                                       lambda *a, **kw: _triton().mlstm_step_triton(*a, **kw), _triton_supports,
-                                      priority=10)
+                                      priority=10, step_slots=lambda *a, **kw: _triton().mlstm_step_slots_(*a, **kw))
 except Exception as e:  # pragma: no cover - a broken install must not break the torch path
     log.debug("not registering the Triton mLSTM backend: %r", e)
 
@@ -90,8 +91,11 @@ def resolve_backend(x: torch.Tensor, backend: str | None = None) -> Backend:
     """Chooses the backend for tensor `x`: explicit name, else $FAST_XLSTM_BACKEND, else "auto"."""
     name = backend or os.environ.get("FAST_XLSTM_BACKEND", "auto")
     if name == "auto":
-        usable = [b for b in _BACKENDS.values() if b.supports(x)]
-        return max(usable, key=lambda b: b.priority)
+        best = _BACKENDS["torch"]  # a plain loop: torch.compile traces this function
+        for b in _BACKENDS.values():
+            if b.priority > best.priority and b.supports(x):
+                best = b
+        return best
     if name not in _BACKENDS:
         raise ValueError(f"unknown mLSTM backend {name!r}; available: auto, {', '.join(available_backends())}")
     chosen = _BACKENDS[name]

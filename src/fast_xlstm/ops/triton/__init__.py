@@ -1,0 +1,16 @@
+"""Triton kernels for the mLSTM cell (GPU; the CPU interpreter with TRITON_INTERPRET=1 for tests).
+
+Importing this package imports triton. The ops dispatch (`fast_xlstm.ops`) registers these kernels
+lazily as backend "triton", so `import fast_xlstm.ops` never needs triton.
+
+  mlstm_chunkwise_triton  chunkwise prefill/training forward + backward (custom ops, autograd)
+  mlstm_step_triton       fused decode step, functional
+  mlstm_step_slots_       fused decode step on a state-slot pool, in place
+"""
+
+from __future__ import annotations
+
+from .autograd import mlstm_chunkwise_triton
+from .step import mlstm_step_slots_, mlstm_step_triton
+
+__all__ = ["mlstm_chunkwise_triton", "mlstm_step_triton", "mlstm_step_slots_"]

@@ -1,0 +1,147 @@
+"""The Triton chunkwise mLSTM as torch custom ops with autograd: `mlstm_chunkwise_triton`.
+
+`fast_xlstm::mlstm_chunkwise_fwd` and `fast_xlstm::mlstm_chunkwise_bwd` are `torch.library` custom ops with
+fake (meta) implementations, so torch.compile traces a model around them without graph breaks, and the
+forward op has `register_autograd` wired to the backward op (torch wraps that pair in an
+autograd.Function; `torch.library.opcheck` checks the registration in the tests).
+Gradient semantics (row stabilizers constant, exact routing of the final m, dm0 = <dC0, C0> + <dn0, n0>):
+see `chunkwise_bwd`. Shapes: see `mlstm_chunkwise_triton`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._checks import MLSTMState, check_cu_seqlens, check_sequence_inputs, check_state
+from ._common import chunk_len, seq_tables, tl_dtype
+from .chunkwise_bwd import mlstm_chunkwise_bwd
+from .chunkwise_fwd import mlstm_chunkwise_fwd
+
+
+def _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size):
+    B, NH, S, DK = q.shape
+    offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
+    longest = S if offsets is None else max([b - a for a, b in zip(offsets, offsets[1:])] + [1])
+    L = chunk_len(chunk_size, longest)
+    tabs = seq_tables(B, NH, S, L, offsets, q.device)
+    dt = q.dtype
+    q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
+    init = None if C0 is None else (C0.contiguous(), n0.contiguous(), m0.contiguous())
+    return q, k, v, i.contiguous(), f.contiguous(), init, tabs, L
+
+
+def _num_seqs(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+@torch.library.custom_op("fast_xlstm::mlstm_chunkwise_fwd", mutates_args=())
+def chunkwise_fwd_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Optional[Tensor],
+                     n0: Optional[Tensor], m0: Optional[Tensor], cu_seqlens: Optional[Tensor], chunk_size: int,
+                     eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns h [B, NH, S, DV] (q's dtype), final C, n, m [N, NH, 1] (fp32) and dsum [B, NH, S] fp32
+    (the signed normalizer sums, saved for the backward)."""
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    N = _num_seqs(q, cu_seqlens)
+    if S == 0:
+        if C0 is None:
+            z = q.new_zeros
+            return (q.new_empty(B, NH, 0, DV), z(N, NH, DK, DV, dtype=torch.float32), z(N, NH, DK, dtype=torch.float32),
+                    z(N, NH, 1, dtype=torch.float32), q.new_empty(B, NH, 0, dtype=torch.float32))
+        return (q.new_empty(B, NH, 0, DV), C0.float().clone(), n0.float().clone(), m0.float().clone(),
+                q.new_empty(B, NH, 0, dtype=torch.float32))
+    q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size)
+    h, (Cf, nf, mf), dsum = mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs, L, eps)
+    return h, Cf, nf, mf.unsqueeze(-1), dsum
+
+
+@chunkwise_fwd_op.register_fake
+def _(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps):
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    N = _num_seqs(q, cu_seqlens)
+    f32 = torch.float32
+    return (q.new_empty(B, NH, S, DV), q.new_empty(N, NH, DK, DV, dtype=f32), q.new_empty(N, NH, DK, dtype=f32),
+            q.new_empty(N, NH, 1, dtype=f32), q.new_empty(B, NH, S, dtype=f32))
+
+
+@torch.library.custom_op("fast_xlstm::mlstm_chunkwise_bwd", mutates_args=())
+def chunkwise_bwd_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Optional[Tensor],
+                     n0: Optional[Tensor], m0: Optional[Tensor], cu_seqlens: Optional[Tensor], h: Tensor,
+                     dsum: Tensor, Cf: Tensor, nf: Tensor, mf: Tensor, dh: Tensor, dCf: Tensor, dnf: Tensor,
+                     dmf: Tensor, chunk_size: int, eps: float
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns dq, dk, dv (input dtypes), di, df (fp32), dC0, dn0, dm0 [N, NH, 1] (fp32)."""
+    B, NH, S, DK = q.shape
+    if S == 0:
+        f32 = torch.float32
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), i.new_zeros(i.shape, dtype=f32),
+                f.new_zeros(f.shape, dtype=f32), dCf.float().clone(), dnf.float().clone(), dmf.float().clone())
+    q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size)
+    final = (Cf, nf, mf.squeeze(-1))
+    dq, dk, dv, di, df, dC0, dn0, dm0 = mlstm_chunkwise_bwd(
+        q, k, v, i, f, init, h, dsum, final, dh, dCf, dnf, dmf.squeeze(-1), tabs, L, eps)
+    return dq, dk, dv, di, df, dC0, dn0, dm0.unsqueeze(-1)
+
+
+@chunkwise_bwd_op.register_fake
+def _(q, k, v, i, f, C0, n0, m0, cu_seqlens, h, dsum, Cf, nf, mf, dh, dCf, dnf, dmf, chunk_size, eps):
+    f32 = torch.float32
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), i.new_empty(i.shape, dtype=f32),
+            f.new_empty(f.shape, dtype=f32), torch.empty_like(Cf), torch.empty_like(nf), torch.empty_like(mf))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps = inputs
+    h, Cf, nf, mf, dsum = output
+    ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, cu_seqlens, h, dsum, Cf, nf, mf)
+    ctx.chunk_size, ctx.eps = chunk_size, eps
+    ctx.mark_non_differentiable(dsum)
+
+
+def _backward(ctx, dh, dCf, dnf, dmf, _ddsum):
+    q, k, v, i, f, C0, n0, m0, cu_seqlens, h, dsum, Cf, nf, mf = ctx.saved_tensors
+    dh = torch.zeros_like(h) if dh is None else dh
+    dCf = torch.zeros_like(Cf) if dCf is None else dCf
+    dnf = torch.zeros_like(nf) if dnf is None else dnf
+    dmf = torch.zeros_like(mf) if dmf is None else dmf
+    dq, dk, dv, di, df, dC0, dn0, dm0 = chunkwise_bwd_op(q, k, v, i, f, C0, n0, m0, cu_seqlens, h, dsum, Cf, nf,
+                                                         mf, dh, dCf, dnf, dmf, ctx.chunk_size, ctx.eps)
+    if C0 is None:
+        dC0 = dn0 = dm0 = None
+    else:
+        dC0, dn0, dm0 = dC0.to(C0.dtype), dn0.to(n0.dtype), dm0.to(m0.dtype)
+    return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dC0, dn0, dm0, None, None, None
+
+
+chunkwise_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mlstm_chunkwise_triton(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor,
+                           initial_state: MLSTMState | None = None, *, cu_seqlens: Tensor | None = None,
+                           chunk_size: int = 64, eps: float = 1e-6) -> tuple[Tensor, MLSTMState]:
+    """Chunkwise mLSTM in Triton; same contract as `ops.chunkwise_torch.mlstm_chunkwise_torch`.
+
+    q, k [B, NH, S, DK]; v [B, NH, S, DV] (fp32, bf16 or fp16; k, v are cast to q's dtype);
+    i, f [B, NH, S] gate pre-activations (any float dtype, used in fp32); initial_state
+    (C [N, NH, DK, DV], n [N, NH, DK], m [N, NH, 1]) or None; cu_seqlens int [N + 1] for packed input (B = 1).
+    chunk_size is rounded to a power of two in [16, 128] (a speed knob; results agree to rounding).
+    Returns h [B, NH, S, DV] in q's dtype and the final state in initial_state's dtype (fp32 if None).
+    Differentiable in q, k, v, i, f and the initial state.
+    """
+    B, NH, S, DK, DV = check_sequence_inputs(q, k, v, i, f)
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    tl_dtype(q.dtype)
+    N = B
+    if cu_seqlens is not None:
+        N = len(check_cu_seqlens(cu_seqlens, B, S)) - 1
+    if initial_state is not None:
+        check_state(initial_state, N, NH, DK, DV)
+    C0, n0, m0 = initial_state if initial_state is not None else (None, None, None)
+    h, Cf, nf, mf, _ = chunkwise_fwd_op(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps)
+    out_dtype = torch.float32 if initial_state is None else initial_state[0].dtype
+    return h, (Cf.to(out_dtype), nf.to(out_dtype), mf.to(out_dtype))

@@ -1,0 +1,250 @@
+"""Chunkwise mLSTM forward in Triton: two kernels, the readable spec is `ops/chunkwise_torch.py`.
+
+1. `_fwd_states_kernel`, one program per (sequence, head, DK tile, DV tile): walks the sequence's chunks
+   in order, stores the state entering every chunk (C in the input dtype, n and m in fp32) and the final
+   state (fp32), and the per-position within-chunk log-decay b and stabilizer m (fp32). Sequential in
+   chunks, parallel over tiles: the recurrence is an [BK, L] x [L, BV] tensor-core product per chunk.
+2. `_fwd_out_kernel`, one program per (chunk, head, DV tile), all in parallel: the intra-chunk quadratic
+   part plus the contribution of the chunk-start state, divided by the normalizer.
+
+The stabilizer follows the spec exactly (so eps enters at the same scale as in the reference):
+  m_i = max(b_i + m_prev, max_{j<=i} (b_i - b_j + i~_j)) = b_i + max(m_prev, cummax_{j<=i}(i~_j - b_j)).
+Lengths, offsets and chunk counts are run-time values; only tile sizes and head dims are compiled in.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import SeqTables, dot_dtypes, dotcast, launch, logsigmoid, pow2, rtne
+
+
+@triton.jit(do_not_specialize=["S"])  # one compiled variant for every length
+def _fwd_states_kernel(K, V, I, F, C0, N0, M0, CB, NB, MB, CF, NF, MF, BROW, MROW,
+                       SEQ_BASE, SEQ_LEN, CHUNK_OFF, NH, S, n_kt, n_vt,
+                       DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       HAS_INIT: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, IP: tl.constexpr):
+    """Chunk-start and final states.
+
+    K [B, NH, S, DK], V [B, NH, S, DV], I, F [B, NH, S]; C0 [N, NH, DK, DV], N0 [N, NH, DK], M0 [N, NH]
+    (any float dtype, read only if HAS_INIT). Writes CB [NCT, NH, DK, DV] (its dtype), NB [NCT, NH, DK],
+    MB [NCT, NH], CF [N, NH, DK, DV], NF [N, NH, DK], MF [N, NH], BROW/MROW [B, NH, S] (all fp32).
+    """
+    pid = tl.program_id(0)
+    vt = pid % n_vt
+    kt = (pid // n_vt) % n_kt
+    rh = pid // (n_vt * n_kt)
+    h = rh % NH
+    r = rh // NH
+    row0 = tl.load(SEQ_BASE + r) + h.to(tl.int64) * S
+    seqlen = tl.load(SEQ_LEN + r)
+    c0 = tl.load(CHUNK_OFF + r).to(tl.int64)
+    nc = tl.cdiv(seqlen, L)
+
+    dk = kt * BK + tl.arange(0, BK)
+    dv = vt * BV + tl.arange(0, BV)
+    mk, mv = dk < DK, dv < DV
+    mkv = mk[:, None] & mv[None, :]
+    first_v = vt == 0
+    first_kv = (kt == 0) & (vt == 0)
+    tile = dk[:, None] * DV + dv[None, :]
+    rh64 = r.to(tl.int64) * NH + h
+    if HAS_INIT:
+        C = tl.load(C0 + rh64 * (DK * DV) + tile, mask=mkv, other=0.0).to(tl.float32)
+        n = tl.load(N0 + rh64 * DK + dk, mask=mk, other=0.0).to(tl.float32)
+        m = tl.load(M0 + rh64).to(tl.float32)
+    else:
+        C = tl.zeros([BK, BV], dtype=tl.float32)
+        n = tl.zeros([BK], dtype=tl.float32)
+        m = tl.zeros([], dtype=tl.float32)
+
+    t = tl.arange(0, L)
+    causal = t[None, :] <= t[:, None]
+    for j in range(0, nc):
+        ch = (c0 + j) * NH + h  # (global chunk, head) index
+        tl.store(CB + ch * (DK * DV) + tile, rtne(C, CB.dtype.element_ty), mask=mkv)
+        tl.store(NB + ch * DK + dk, n, mask=mk & first_v)
+        tl.store(MB + ch, m, mask=first_kv)
+
+        pos = j * L + t
+        valid = pos < seqlen
+        rows = row0 + pos
+        # Positions past the sequence end can neither add (i = -inf) nor decay (log f = 0).
+        ig = tl.load(I + rows, mask=valid, other=float("-inf")).to(tl.float32)
+        lf = tl.where(valid, logsigmoid(tl.load(F + rows, mask=valid, other=0.0).to(tl.float32)), 0.0)
+        b = tl.cumsum(lf, 0)
+        g = tl.sum(lf, 0)
+        a = (tl.cumsum(lf, 0, reverse=True) - lf) + ig  # log weight of k_j v_j^T at the chunk end
+        # Floor: a chunk of only skipped positions must give weight 0, not exp(-inf + inf).
+        a_max = tl.maximum(tl.max(a, 0), -1e30)
+        m_new = tl.maximum(g + m, a_max)
+
+        if first_kv:  # per-position b and stabilizer, once per (sequence, head)
+            # m_row = b + max(m, running max of i~ - b): an [L, L] masked max (cheaper than a scan here).
+            x = tl.where(causal, (ig - b)[None, :], float("-inf"))
+            m_row = b + tl.maximum(m, tl.max(x, 1))
+            tl.store(BROW + rows, b, mask=valid)
+            tl.store(MROW + rows, m_row, mask=valid)
+
+        # The chunk's k v^T sum is scaled by its own max, so the product does not wait for the running m
+        # (only a scalar rescale and an FMA on C sit on the loop-carried path).
+        w = tl.where(valid, tl.exp(a - a_max), 0.0)
+        kk = tl.load(K + rows[:, None] * DK + dk[None, :], mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        vv = tl.load(V + rows[:, None] * DV + dv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
+        kw = kk * w[:, None]
+        kv = tl.dot(tl.trans(dotcast(kw, IN_DT, DOT_DT)), dotcast(vv, IN_DT, DOT_DT), input_precision=IP)
+        decay = tl.exp(g + m - m_new)
+        scale_kv = tl.exp(a_max - m_new)
+        C = decay * C + scale_kv * kv
+        n = decay * n + scale_kv * tl.sum(kw, 0)
+        m = m_new
+
+    tl.store(CF + rh64 * (DK * DV) + tile, C, mask=mkv)
+    tl.store(NF + rh64 * DK + dk, n, mask=mk & first_v)
+    tl.store(MF + rh64, m, mask=first_kv)
+
+
+@triton.jit(do_not_specialize=["S"])  # one compiled variant for every length
+def _fwd_out_kernel(Q, K, V, I, CB, NB, MB, BROW, MROW, H, DSUM,
+                    SEQ_BASE, SEQ_LEN, CHUNK_SEQ, CHUNK_J, NH, S, n_vt, scale, eps,
+                    DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    IN_DT: tl.constexpr, DOT_DT: tl.constexpr, IP: tl.constexpr):
+    """Outputs of one chunk for one DV tile.
+
+    Reads the buffers written by `_fwd_states_kernel`; writes H [B, NH, S, DV] (its dtype) and
+    DSUM [B, NH, S] fp32 (the signed normalizer sum before max/abs, kept for the backward).
+    """
+    pid = tl.program_id(0)
+    vt = pid % n_vt
+    c = pid // n_vt
+    h = tl.program_id(1)
+    r = tl.load(CHUNK_SEQ + c)
+    j = tl.load(CHUNK_J + c)
+    seqlen = tl.load(SEQ_LEN + r)
+    t = tl.arange(0, L)
+    valid = j * L + t < seqlen
+    rows = tl.load(SEQ_BASE + r) + h.to(tl.int64) * S + j * L + t
+    ch = c.to(tl.int64) * NH + h
+
+    b = tl.load(BROW + rows, mask=valid, other=0.0)
+    mq = tl.load(MROW + rows, mask=valid, other=0.0)
+    ig = tl.load(I + rows, mask=valid, other=float("-inf")).to(tl.float32)
+    m_prev = tl.load(MB + ch)
+
+    dv = vt * BV + tl.arange(0, BV)
+    mv = dv < DV
+    acc_s = tl.zeros([L, L], dtype=tl.float32)
+    acc_h = tl.zeros([L, BV], dtype=tl.float32)
+    qn = tl.zeros([L], dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        dk = k0 + tl.arange(0, BK)
+        mk = dk < DK
+        mqk = valid[:, None] & mk[None, :]
+        qq = tl.load(Q + rows[:, None] * DK + dk[None, :], mask=mqk, other=0.0)
+        kk = tl.load(K + rows[:, None] * DK + dk[None, :], mask=mqk, other=0.0)
+        cc = tl.load(CB + ch * (DK * DV) + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        nn = tl.load(NB + ch * DK + dk, mask=mk, other=0.0)
+        qd = dotcast(qq, IN_DT, DOT_DT)
+        acc_s += tl.dot(qd, tl.trans(dotcast(kk, IN_DT, DOT_DT)), input_precision=IP)
+        acc_h += tl.dot(qd, dotcast(cc, IN_DT, DOT_DT), input_precision=IP)
+        qn += tl.sum(qq.to(tl.float32) * nn[None, :], 1)
+
+    beta = tl.exp(b + m_prev - mq)
+    causal = t[None, :] <= t[:, None]
+    log_d = tl.where(causal, b[:, None] - b[None, :] + ig[None, :] - mq[:, None], float("-inf"))
+    p = acc_s * scale * tl.exp(log_d)
+    dsum = beta * scale * qn + tl.sum(p, 1)
+    vv = tl.load(V + rows[:, None] * DV + dv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
+    acc_h = acc_h * (beta * scale)[:, None] + tl.dot(dotcast(p, IN_DT, DOT_DT), dotcast(vv, IN_DT, DOT_DT),
+                                                      input_precision=IP)
+    den = tl.maximum(tl.abs(dsum), tl.exp(-mq)) + eps
+    out = acc_h / den[:, None]
+    tl.store(H + rows[:, None] * DV + dv[None, :], rtne(out, H.dtype.element_ty), mask=valid[:, None] & mv[None, :])
+    tl.store(DSUM + rows, dsum, mask=valid & (vt == 0))
+
+
+def _state_cfgs(DK: int, DV: int) -> list[dict]:
+    bk, bv = min(64, pow2(DK)), min(64, pow2(DV))
+    return [dict(BK=bk, BV=bv, num_warps=4, num_stages=2), dict(BK=bk, BV=min(bv, 32), num_warps=4, num_stages=1),
+            dict(BK=min(bk, 32), BV=min(bv, 32), num_warps=4, num_stages=1)]
+
+
+def _out_cfgs(DK: int, DV: int, L: int) -> list[dict]:
+    bk = min(64, pow2(DK))
+    bv = min(128 if L <= 64 else 64, pow2(DV))
+    nw = 4 if L <= 32 else 8
+    return [dict(BK=bk, BV=bv, num_warps=nw, num_stages=2), dict(BK=bk, BV=min(bv, 64), num_warps=nw, num_stages=1),
+            dict(BK=min(bk, 32), BV=min(bv, 32), num_warps=4, num_stages=1)]
+
+
+def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dtype):
+    """Runs kernel 1 (also re-run by the backward). init: (C0, N0, M0) or None.
+
+    Returns CB [NCT, NH, DK, DV] (state_dtype), NB [NCT, NH, DK], MB [NCT, NH] (chunk-start states),
+    (CF, NF, MF [N, NH]) final state, BROW, MROW [B, NH, S]; all fp32 unless said.
+    """
+    B, NH, S, DK = k.shape
+    DV = v.shape[-1]
+    dev = k.device
+    f32 = torch.float32
+    CB = torch.empty(tabs.NCT, NH, DK, DV, device=dev, dtype=state_dtype)
+    NB = torch.empty(tabs.NCT, NH, DK, device=dev, dtype=f32)
+    MB = torch.empty(tabs.NCT, NH, device=dev, dtype=f32)
+    CF = torch.empty(tabs.N, NH, DK, DV, device=dev, dtype=f32)
+    NF = torch.empty(tabs.N, NH, DK, device=dev, dtype=f32)
+    MF = torch.empty(tabs.N, NH, device=dev, dtype=f32)
+    BROW = torch.zeros(B, NH, S, device=dev, dtype=f32)
+    MROW = torch.zeros(B, NH, S, device=dev, dtype=f32)
+    in_dt, dot_dt, ip = dot_dtypes(k.dtype)
+    has_init = init is not None
+    C0, N0, M0 = (x.contiguous() for x in init) if has_init else (CF, NF, MF)  # else: never read
+
+    def grid(cfg):
+        return (tabs.N * NH * triton.cdiv(DK, cfg["BK"]) * triton.cdiv(DV, cfg["BV"]),)
+
+    def args_for(cfg):
+        return (k, v, i, f, C0, N0, M0, CB, NB, MB, CF, NF, MF, BROW, MROW, tabs.seq_base, tabs.seq_len,
+                tabs.chunk_off, NH, S, triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), DK, DV, L)
+
+    launch(_fwd_states_kernel, grid, args_for, _state_cfgs(DK, DV),
+           dict(HAS_INIT=has_init, IN_DT=in_dt, DOT_DT=dot_dt, IP=ip), key=(DK, DV, L, k.dtype, state_dtype, has_init))
+    return CB, NB, MB, (CF, NF, MF), BROW, MROW
+
+
+def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: float):
+    """Runs kernel 2. Returns h [B, NH, S, DV] in q's dtype and dsum [B, NH, S] fp32."""
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    h = torch.empty(B, NH, S, DV, device=q.device, dtype=q.dtype)
+    dsum = torch.zeros(B, NH, S, device=q.device, dtype=torch.float32)
+    if tabs.NCT == 0:
+        return h, dsum
+    in_dt, dot_dt, ip = dot_dtypes(q.dtype)
+
+    def grid(cfg):
+        return (tabs.NCT * triton.cdiv(DV, cfg["BV"]), NH)
+
+    def args_for(cfg):
+        return (q, k, v, i, CB, NB, MB, BROW, MROW, h, dsum, tabs.seq_base, tabs.seq_len, tabs.chunk_seq,
+                tabs.chunk_j, NH, S, triton.cdiv(DV, cfg["BV"]), DK ** -0.5, eps, DK, DV, L)
+
+    launch(_fwd_out_kernel, grid, args_for, _out_cfgs(DK, DV, L), dict(IN_DT=in_dt, DOT_DT=dot_dt, IP=ip),
+           key=(DK, DV, L, q.dtype, CB.dtype))
+    return h, dsum
+
+
+def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Chunk-start C states are stored in the input dtype: 16-bit inputs meet them in 16-bit tensor-core
+    products anyway, and it halves the dominant memory traffic. fp32 inputs keep fp32 states."""
+    return torch.float32 if dtype == torch.float32 else dtype
+
+
+def mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float):
+    """Forward on contiguous inputs. Returns h, (CF, NF, MF [N, NH]) fp32 and dsum [B, NH, S] fp32."""
+    CB, NB, MB, final, BROW, MROW = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype))
+    h, dsum = run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs, L, eps)
+    return h, final, dsum
+
+

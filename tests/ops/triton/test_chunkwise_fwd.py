@@ -1,0 +1,124 @@
+"""Triton chunkwise forward against the float64 recurrent definition (odd lengths, states, varlen)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fast_xlstm.ops import mlstm_chunkwise, mlstm_recurrent, resolve_backend
+from fast_xlstm.ops.triton import mlstm_chunkwise_triton
+
+# Relative error = max |err| / max |ref|, oracle in float64 on the same (rounded) inputs.
+TOL = {torch.float32: 2e-4,  # fp32 math and exact ("ieee") fp32 dot products; observed <= 5e-5 (|n.q| cancellation)
+       torch.bfloat16: 2e-2}  # bf16 tensor-core operands (P, chunk states), h rounded to bf16; observed ~6e-3
+STATE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+DIMS = [(16, 32), (32, 16)]
+
+
+def _oracle(x, s0):
+    return mlstm_recurrent(*(t.double().cpu() for t in x), None if s0 is None else [t.double().cpu() for t in s0])
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "random_state"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("DK,DV", DIMS, ids=lambda d: str(d))
+@pytest.mark.parametrize("S,chunk", [(1, 64), (63, 32), (65, 64), (150, 32)])
+def test_forward_matches_recurrent(S, chunk, DK, DV, dtype, with_state, device, seed, make_inputs, random_state,
+                                   rel_err, state_err):
+    B, NH = 2, 2
+    x = [t.to(device) for t in make_inputs(B, NH, S, DK, DV, dtype, seed=seed)]
+    s0 = [t.to(device) for t in random_state(B, NH, DK, DV, torch.float32, seed=seed + 1)] if with_state else None
+    h, st = mlstm_chunkwise_triton(*x, s0, chunk_size=chunk)
+    h_ref, st_ref = _oracle(x, s0)
+    assert h.dtype == dtype and h.shape == (B, NH, S, DV)
+    assert all(t.dtype == torch.float32 for t in st)
+    eh, es = rel_err(h.cpu(), h_ref), state_err([t.cpu() for t in st], st_ref)
+    assert eh < TOL[dtype], f"h error {eh:.2e}"
+    assert es < STATE_TOL[dtype], f"state error {es:.2e}"
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_state_dtype_follows_initial_state(state_dtype, device, seed, make_inputs, random_state, rel_err, state_err):
+    B, NH, S, DK, DV = 1, 2, 20, 16, 16
+    x = [t.to(device) for t in make_inputs(B, NH, S, DK, DV, torch.float32, seed=seed)]
+    s0 = [t.to(device, state_dtype) for t in random_state(B, NH, DK, DV, seed=seed + 1)]
+    h, st = mlstm_chunkwise_triton(*x, s0)
+    assert all(t.dtype == state_dtype for t in st)
+    h_ref, st_ref = _oracle(x, s0)
+    tol = STATE_TOL[state_dtype]
+    assert rel_err(h.cpu(), h_ref) < tol and state_err([t.cpu() for t in st], st_ref) < tol
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "random_state"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_varlen_matches_sequences_one_by_one(dtype, with_state, device, seed, make_inputs, random_state, rel_err,
+                                             state_err):
+    offs = [0, 1, 40, 40, 73, 140]  # a length-1 sequence, an empty one, chunk-straddling lengths
+    N, NH, DK, DV = len(offs) - 1, 2, 16, 32
+    x = [t.to(device) for t in make_inputs(1, NH, offs[-1], DK, DV, dtype, seed=seed)]
+    s0 = [t.to(device) for t in random_state(N, NH, DK, DV, seed=seed + 1)] if with_state else None
+    cu = torch.tensor(offs, dtype=torch.int32, device=device)
+    h, st = mlstm_chunkwise_triton(*x, s0, cu_seqlens=cu, chunk_size=32)
+    assert h.shape == x[2].shape and st[0].shape == (N, NH, DK, DV)
+    for r in range(N):
+        a, e = offs[r], offs[r + 1]
+        h_ref, st_ref = _oracle([t[:, :, a:e] for t in x], None if s0 is None else [t[r:r + 1] for t in s0])
+        assert rel_err(h[:, :, a:e].cpu(), h_ref) < TOL[dtype], f"sequence {r}"
+        assert state_err([t[r:r + 1].cpu() for t in st], st_ref) < STATE_TOL[dtype], f"sequence {r}"
+
+
+def test_chained_calls_equal_one_call(device, seed, make_inputs, rel_err, state_err):
+    B, NH, S, DK, DV = 2, 2, 100, 16, 16
+    x = [t.to(device) for t in make_inputs(B, NH, S, DK, DV, torch.float32, seed=seed)]
+    h, st = mlstm_chunkwise_triton(*x)
+    h1, st1 = mlstm_chunkwise_triton(*(t[:, :, :37] for t in x))
+    h2, st2 = mlstm_chunkwise_triton(*(t[:, :, 37:] for t in x), st1)
+    assert rel_err(torch.cat([h1, h2], 2), h) < 1e-5
+    assert state_err(st2, st) < 1e-5
+
+
+def test_skipped_positions_leave_state_untouched(device, seed, make_inputs, rel_err, state_err):
+    """Positions with i = -inf, f = +inf (padding) neither add to nor decay the state."""
+    B, NH, S, DK, DV = 1, 2, 50, 16, 16
+    q, k, v, i, f = (t.to(device) for t in make_inputs(B, NH, S, DK, DV, torch.float32, seed=seed))
+    pad = 30
+    i2 = torch.cat([i, torch.full((B, NH, pad), -math.inf, device=device)], -1)
+    f2 = torch.cat([f, torch.full((B, NH, pad), math.inf, device=device)], -1)
+    q2, k2, v2 = (torch.cat([t, torch.randn(B, NH, pad, t.shape[-1], device=device)], 2) for t in (q, k, v))
+    h, st = mlstm_chunkwise_triton(q, k, v, i, f)
+    h2, st2 = mlstm_chunkwise_triton(q2, k2, v2, i2, f2)
+    assert rel_err(h2[:, :, :S], h) < 1e-6 and state_err(st2, st) < 1e-6
+
+
+def test_noncontiguous_inputs_and_mixed_gate_dtype(device, seed, make_inputs, rel_err):
+    B, NH, S, DK, DV = 2, 2, 33, 16, 16
+    q, k, v, i, f = (t.to(device) for t in make_inputs(B, NH, S, DK, DV, torch.float32, seed=seed))
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    h, _ = mlstm_chunkwise_triton(qt, k, v, i.double(), f.double())
+    assert rel_err(h.cpu(), _oracle((q, k, v, i, f), None)[0]) < TOL[torch.float32]
+
+
+def test_dispatch_routes_to_triton(device, seed, make_inputs, rel_err, no_backend_env):
+    x = [t.to(device) for t in make_inputs(1, 2, 20, 16, 16, torch.float32, seed=seed)]
+    assert resolve_backend(x[0]).name == "triton"
+    assert resolve_backend(x[0].double()).name == "torch"  # the kernels compute in fp32: fp64 stays on torch
+    h, _ = mlstm_chunkwise(*x, backend="triton")
+    assert rel_err(h.cpu(), _oracle(x, None)[0]) < TOL[torch.float32]
+
+
+def test_rejects_bad_input(device):
+    q = torch.zeros(1, 2, 8, 16, device=device)
+    v = torch.zeros(1, 2, 8, 16, device=device)
+    g = torch.zeros(1, 2, 8, device=device)
+    with pytest.raises(ValueError, match="k must have the shape of q"):
+        mlstm_chunkwise_triton(q, q[..., :8], v, g, g)
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        mlstm_chunkwise_triton(q.double(), q.double(), v.double(), g, g)
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        mlstm_chunkwise_triton(q, q, v, g, g, cu_seqlens=torch.tensor([0, 9], device=device))
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        mlstm_chunkwise_triton(q, q, v, g, g, chunk_size=0)
