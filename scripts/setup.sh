@@ -21,4 +21,9 @@ extra=""
 [ "${1:-}" = "--dev" ] && extra="[dev]"
 echo "[setup] installing fast-xlstm$extra"
 "${PIP[@]}" install -e ".$extra" 2> >(grep -v "is ignored" >&2)
+if [ -n "$extra" ] && ! .venv/bin/python -c "import triton" >/dev/null 2>&1; then
+  # CPU machines run the Triton kernels' tests in the interpreter; GPU installs get triton with torch.
+  echo "[setup] installing triton 3.6.0 for the interpreter tests"
+  "${PIP[@]}" install "triton==3.6.0" 2> >(grep -v "is ignored" >&2)
+fi
 echo "[setup] done: $(.venv/bin/python -c 'import torch, fast_xlstm; print("fast_xlstm", fast_xlstm.__version__, "torch", torch.__version__)')"

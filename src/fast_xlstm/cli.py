@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.cli import register as register_serve
 
     register_serve(sub)
+    from .training.cli import register as register_training
+
+    register_training(sub)
     return parser
 
 

@@ -61,6 +61,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.compile = device.startswith("cuda")
     if args.max_batch:
         sizes.decode_batches = [b for b in sizes.decode_batches if b <= args.max_batch]
+    for name in ("ttft_prompts", "decode_prompts", "decode_batches", "memory_lengths"):
+        if getattr(args, name):
+            setattr(sizes, name, [int(x) for x in getattr(args, name).split(",")])
+    if args.decode_steps:
+        sizes.decode_steps = args.decode_steps
     model = _model(args, device, dtype)
     meta = {"model": args.model, "device": device_name(model.device), "commit": _commit(), "torch": torch.__version__,
             "dtype": str(dtype).removeprefix("torch."), "state_dtype": str(state_dtype).removeprefix("torch."),
@@ -101,5 +106,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile our decode step (default: on for CUDA)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, numbers meaningless")
+    for name, what in (("ttft-prompts", "prompt lengths for time to first token"),
+                       ("decode-prompts", "prompt lengths before batch-1 decode"),
+                       ("decode-batches", "batch sizes for decode throughput"),
+                       ("memory-lengths", "generated lengths at which peak memory is read")):
+        p.add_argument(f"--{name}", default=None, help=f"comma list: {what}")
+    p.add_argument("--decode-steps", type=int, default=None, help="decode steps timed per point")
     p.add_argument("--out", default="bench/results/latest")
     p.set_defaults(func=cmd_bench)
