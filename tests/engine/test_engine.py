@@ -133,3 +133,15 @@ def test_compiled_decode_step_equals_eager():
     outs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
     ref = generate(llm.model, llm.tokenizer, PROMPTS[:3], params)
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+
+
+def test_prefill_in_state_bounded_groups_equals_one_group(llm):
+    runner = llm.engine.runner
+    saved = runner.prefill_state_bytes
+    try:
+        runner.prefill_state_bytes = 1  # one sequence per group
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    finally:
+        runner.prefill_state_bytes = saved
+    ref = generate(llm.model, llm.tokenizer, PROMPTS, SamplingParams(temperature=0, max_tokens=5))
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]

@@ -75,6 +75,8 @@ class ModelRunner:
         self.vocab = model.config.vocab_size
         self.num_slots = P = num_slots
         self.pool = StatePool(model.config, P, dtype=state_dtype, device=self.device)
+        self._state_bytes_per_seq = self.pool.nbytes // P
+        self.prefill_state_bytes = 4 << 30  # most state bytes one prefill forward copies out and back
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         if self.use_cuda_graph and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -116,7 +118,8 @@ class ModelRunner:
         if params.has_penalties and self.counts is None:
             self.counts = torch.zeros(self.num_slots + 1, self.vocab, dtype=torch.int32, device=self.device)
             self.prompt_mask = torch.zeros(self.num_slots + 1, self.vocab, dtype=torch.bool, device=self.device)
-            self._graphs.clear()  # captured graphs do not read the new buffers
+            self._graphs.clear()  # captured graphs do not read the new buffers ...
+            self._graph_pool = None  # ... and their memory pool dies with them: never capture into it again
         if self.counts is not None:
             self.counts[slot] = 0
             self.prompt_mask[slot] = prompt_mask_from_ids([prompt_ids], self.vocab, self.device)[0] \
@@ -137,19 +140,25 @@ class ModelRunner:
 
         Rows whose piece ends their prompt (`last`) get their first token sampled; returns those.
         """
-        dev = self.device
-        lengths = torch.tensor([len(p) for p in pieces])
-        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(dev)
-        packed = torch.tensor([t for p in pieces for t in p], dtype=torch.long, device=dev)[None]
-        state = self.pool.read(slots)
-        logits, state = self.model(packed, state, cu_seqlens=cu, last_logits_only=True)
-        self.pool.write(slots, state)
+        # The states of a group are copied out of the pool and back: groups bound that copy's memory.
+        group = max(1, self.prefill_state_bytes // self._state_bytes_per_seq)
+        logits = torch.cat([self._prefill_group(slots[a:a + group], pieces[a:a + group])
+                            for a in range(0, len(slots), group)])
         rows = [j for j, is_last in enumerate(last) if is_last]
         if not rows:
             return StepResult(tokens=[])
         result = self.sample_rows(logits[rows], [slots[j] for j in rows], [modes[j] for j in rows])
         result.logits = logits[rows]  # kept for forked siblings, which sample from the same distribution
         return result
+
+    def _prefill_group(self, slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
+        dev = self.device
+        lengths = torch.tensor([len(p) for p in pieces])
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(dev)
+        packed = torch.tensor([t for p in pieces for t in p], dtype=torch.long, device=dev)[None]
+        logits, state = self.model(packed, self.pool.read(slots), cu_seqlens=cu, last_logits_only=True)
+        self.pool.write(slots, state)
+        return logits
 
     def sample_rows(self, logits: torch.Tensor, slots: list[int], params: list[SamplingParams]) -> StepResult:
         """Samples one token per row of `logits` [B, V] for the requests in `slots` and records it."""
