@@ -54,7 +54,7 @@ def test_llm_mixed_params_and_token_prompts(llm):
 def test_teacher_forced_decode_equals_full_forward(llm, batch):
     engine = llm.engine
     runner, model = engine.runner, llm.model
-    seqs = random_ids((batch, 24), seed=batch)
+    seqs = random_ids((batch, 24), seed=batch).to(model.device)
     slots = [2, 0, 1][:batch]  # not in row order, and with batch 1 two slots idle
     for slot in slots:
         runner.start_request(slot, [], SamplingParams(temperature=0), seed=0)

@@ -154,7 +154,8 @@ class ModelRunner:
     def _prefill_group(self, slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
         dev = self.device
         lengths = torch.tensor([len(p) for p in pieces])
-        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(dev)
+        # Offsets stay on the host: kernels plan their chunk tables from them without a device sync.
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         packed = torch.tensor([t for p in pieces for t in p], dtype=torch.long, device=dev)[None]
         logits, state = self.model(packed, self.pool.read(slots), cu_seqlens=cu, last_logits_only=True)
         self.pool.write(slots, state)

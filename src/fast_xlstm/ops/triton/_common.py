@@ -105,6 +105,20 @@ def seq_tables(B: int, NH: int, S: int, L: int, offsets: list[int] | None, devic
                 _DENSE_TABLES.clear()
             _DENSE_TABLES[key] = tabs
         return tabs
+    key = (tuple(offsets), NH, L, str(device))
+    tabs = _PACKED_TABLES.get(key)
+    if tabs is not None:  # every layer of one forward packs the same way: build the tables once
+        return tabs
+    if len(_PACKED_TABLES) > 64:
+        _PACKED_TABLES.clear()
+    tabs = _PACKED_TABLES[key] = _packed_tables(offsets, L, device)
+    return tabs
+
+
+_PACKED_TABLES: dict[tuple, SeqTables] = {}
+
+
+def _packed_tables(offsets: list[int], L: int, device) -> SeqTables:
     N = len(offsets) - 1
     lens = [offsets[r + 1] - offsets[r] for r in range(N)]
     ncs = [triton.cdiv(n, L) for n in lens]
