@@ -56,7 +56,8 @@ def load(out: Path, name: str, port: int, *args: str) -> dict:
 
 
 def static_decode(model: str, batches: list[int], steps: int = 32) -> dict[int, float]:
-    """Decode tok/s of a static batch through the same runner (no server, no scheduling)."""
+    """Decode tok/s of a static batch through the same runner and settings as the server (compiled
+    decode step, CUDA graphs), without the server or the scheduler."""
     import torch
 
     from fast_xlstm.bench.stacks import OursStack
@@ -66,7 +67,7 @@ def static_decode(model: str, batches: list[int], steps: int = 32) -> dict[int, 
 
     m = XLSTMForCausalLM.from_config(get_preset(model), dtype=torch.bfloat16, device="cuda", seed=0).fuse_projections()
     out = {}
-    stack = OursStack(m, max_batch=max(batches), state_dtype=torch.float32)
+    stack = OursStack(m, max_batch=max(batches), state_dtype=torch.float32, compile_decode=True)
     for b in batches:
         stack.prefill(torch.randint(1, m.config.vocab_size, (b, 512), device="cuda"))
         stack.decode(b, 2)
@@ -86,7 +87,7 @@ def main() -> int:
     result: dict = {"commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"), "model": args.model}
 
     port = 8123
-    srv = start_server(out, "cache-on", port, args.model, "--max-num-seqs", "256")
+    srv = start_server(out, "cache-on", port, args.model, "--max-num-seqs", "256", "--compile")
     try:
         for c in (64, 256):
             result[f"concurrency_{c}"] = load(out, f"c{c}", port, "--concurrency", str(c), "--num-requests",

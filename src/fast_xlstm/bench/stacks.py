@@ -125,4 +125,5 @@ class OfficialStack:
 
     @torch.inference_mode()
     def forward_tokens(self, ids: torch.Tensor) -> None:
+        self.state, self._graphs = None, {}  # drop the decode runs' states (34 GB at batch 256)
         self.model(ids)

@@ -92,6 +92,7 @@ def run_suite(make_stack, model, sizes: SuiteSizes, state_dtype: torch.dtype) ->
     del stack
     gc.collect()
     reset_peak(dev)
+    base = torch.cuda.memory_allocated(dev) / 1e9 if dev.type == "cuda" else 0.0
     stack = make_stack(1)
     stack.prefill(torch.zeros(1, 1, dtype=torch.long, device=dev))
     done, t0 = 0, time.perf_counter()
@@ -99,6 +100,6 @@ def run_suite(make_stack, model, sizes: SuiteSizes, state_dtype: torch.dtype) ->
         stack.decode(1, n - done)
         done = n
         sync(dev)
-        out["memory"].append({"generated": n, "peak_gb": (peak_bytes(dev) or 0) / 1e9,
-                              "seconds": time.perf_counter() - t0})
+        out["memory"].append({"generated": n, "peak_gb": (peak_bytes(dev) or 0) / 1e9, "allocated_before_gb": base,
+                              "weights_gb": wbytes / 1e9, "seconds": time.perf_counter() - t0})
     return out
