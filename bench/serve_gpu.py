@@ -98,7 +98,7 @@ def main() -> int:
                                                      "--output-tokens", "8", "--warmup", "2")
     finally:
         stop(srv)
-    srv = start_server(out, "cache-off", port, args.model, "--max-num-seqs", "8", "--no-prefix-cache")
+    srv = start_server(out, "cache-off", port, args.model, "--max-num-seqs", "8", "--no-prefix-cache", "--compile")
     try:
         result["ttft_shared_prefix_cache_off"] = load(out, "prefix-off", port, "--concurrency", "1",
                                                       "--num-requests", "24", "--shared-prefix-tokens", "2048",

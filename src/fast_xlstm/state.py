@@ -118,4 +118,5 @@ class StatePool:
         idx = self._index(slots)
         for pool_layer, layer in zip(self.layers, state):
             for pool_t, t in zip(pool_layer, layer):
-                pool_t.index_copy_(0, idx, t.to(pool_t.dtype))
+                # (a snapshot may come from the host tier of a cache: move it as well as cast it)
+                pool_t.index_copy_(0, idx, t.to(device=pool_t.device, dtype=pool_t.dtype, non_blocking=True))

@@ -125,10 +125,13 @@ def test_abort_parent_aborts_waiting_siblings(llm):
     assert not engine.has_unfinished_requests() and engine.scheduler.num_free_slots == 3
 
 
-def test_compiled_decode_step_equals_eager():
-    """Regional torch.compile of the blocks' decode step (inductor; C++ on CPU, Triton on CUDA)."""
-    llm = LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=2, compile_decode=True)
-    assert all(getattr(b, "_step_slots_compiled", False) for b in llm.model.backbone.blocks)
+def test_compiled_decode_step_and_prefill_equal_eager():
+    """Regional torch.compile of the blocks' decode step and prefill regions (inductor; C++ on CPU,
+    Triton on CUDA) gives the eager outputs."""
+    llm = LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=2, compile_decode=True,
+              compile_prefill=True)
+    assert all(getattr(b, "_step_slots_compiled", False) and getattr(b, "_prefill_compiled", False)
+               for b in llm.model.backbone.blocks)
     params = SamplingParams(temperature=0, max_tokens=6)
     outs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
     ref = generate(llm.model, llm.tokenizer, PROMPTS[:3], params)

@@ -98,3 +98,13 @@ def _drain(engine) -> dict:
             if out.finished:
                 done[out.request_id] = out
     return done
+
+
+def test_snapshots_restored_from_the_host_tier():
+    kw = dict(device="cpu", dtype="float32", max_num_seqs=2, max_num_batched_tokens=64, prefix_block=8)
+    spilled = LLM("xlstm-tiny", cache_device_bytes=0, **kw)  # every snapshot lives in host memory
+    plain = LLM("xlstm-tiny", enable_prefix_cache=False, **kw)
+    prompts = ["A shared beginning for all of these prompts: " + q for q in ("one", "two", "three")]
+    a = spilled.generate(prompts, GREEDY, use_tqdm=False)
+    assert spilled.engine.prefix_cache.used_bytes["device"] == 0 and spilled.engine.prefix_cache.stats.hits > 0
+    assert [o.token_ids for o in a] == [o.token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]

@@ -26,11 +26,12 @@ class OursStack:
 
     def __init__(self, model: XLSTMForCausalLM, *, max_batch: int, state_dtype: torch.dtype,
                  compile_decode: bool = False):
+        """compile_decode: torch.compile the decode step and the prefill regions (bench `--compile`)."""
         from ..engine.runner import DecodeMode, ModelRunner
 
         self.model, self.device = model, model.device
         self.runner = ModelRunner(model, num_slots=max_batch, state_dtype=state_dtype,
-                                  compile_decode=compile_decode)
+                                  compile_decode=compile_decode, compile_prefill=compile_decode)
         self.mode = DecodeMode.of([GREEDY])
         self.state_dtype = state_dtype
 

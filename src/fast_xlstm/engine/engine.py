@@ -52,13 +52,14 @@ class LLMEngine:
 
     def __init__(self, model: XLSTMForCausalLM, tokenizer: Tokenizer | None, *, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, state_dtype: torch.dtype = torch.float32,
-                 use_cuda_graph: bool | None = None, compile_decode: bool = False,
+                 use_cuda_graph: bool | None = None, compile_decode: bool = False, compile_prefill: bool = False,
                  enable_prefix_cache: bool = True, prefix_block: int = 512,
                  cache_device_bytes: int = 4 << 30, cache_host_bytes: int = 16 << 30,
                  max_sessions_device_bytes: int = 4 << 30, max_sessions_host_bytes: int = 16 << 30):
         self.model, self.tokenizer = model, tokenizer
         self.runner = ModelRunner(model, num_slots=max_num_seqs, state_dtype=state_dtype,
-                                  use_cuda_graph=use_cuda_graph, compile_decode=compile_decode)
+                                  use_cuda_graph=use_cuda_graph, compile_decode=compile_decode,
+                                  compile_prefill=compile_prefill)
         self.prefix_block = prefix_block if enable_prefix_cache else 0
         self.prefix_cache: StateCache[bytes] | None = (
             StateCache(cache_device_bytes, cache_host_bytes) if enable_prefix_cache else None)
@@ -192,7 +193,9 @@ class LLMEngine:
                          emitted)
 
     def _snapshot_prefix(self, req: Request, end: int) -> None:
-        if self.prefix_cache is None or end % self.prefix_block or end == 0:
+        # Only strictly inside the prompt: a state at the prompt's end is what sessions keep, and
+        # caching every prompt's end state would copy 134 MB (7B, fp32) per request for nothing.
+        if self.prefix_cache is None or end % self.prefix_block or end == 0 or end >= len(req.prompt_token_ids):
             return
         key = req.prefix_keys[end // self.prefix_block - 1]
         if key not in self.prefix_cache:

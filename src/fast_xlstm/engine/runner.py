@@ -36,6 +36,17 @@ def compile_block_steps(model: XLSTMForCausalLM) -> None:
             block._step_slots_compiled = True
 
 
+def compile_prefill_regions(model: XLSTMForCausalLM) -> None:
+    """Regional torch.compile of each block's code before and after the cell (norms, projections,
+    gates, output gate, SwiGLU), with dynamic token counts; the cell stays a kernel call between
+    them. Short prefills are launch-bound in eager mode (~80 kernels a block); this fuses them."""
+    for block in model.backbone.blocks:
+        if not getattr(block, "_prefill_compiled", False):
+            block.pre_cell = torch.compile(block.pre_cell, dynamic=True, fullgraph=True)
+            block.post_cell = torch.compile(block.post_cell, dynamic=True, fullgraph=True)
+            block._prefill_compiled = True
+
+
 @dataclass(frozen=True)
 class DecodeMode:
     """Which decode variant a batch needs; each is a separate CUDA graph per bucket."""
@@ -67,10 +78,12 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: XLSTMForCausalLM, *, num_slots: int, state_dtype: torch.dtype = torch.float32,
-                 use_cuda_graph: bool | None = None, compile_decode: bool = False):
+                 use_cuda_graph: bool | None = None, compile_decode: bool = False, compile_prefill: bool = False):
         self.model = model
         if compile_decode:
             compile_block_steps(model)
+        if compile_prefill:
+            compile_prefill_regions(model)
         self.device = model.device
         self.vocab = model.config.vocab_size
         self.num_slots = P = num_slots

@@ -93,10 +93,14 @@ class Scheduler:
                 break
             start = req.num_prefilled
             end = start + min(len(req.prompt_token_ids) - start, max(budget, 1))
-            if self.block and (end // self.block) * self.block > start and end % self.block:
-                # Stop on the last snapshot point inside the chunk (even when the prompt would end
-                # in it), so the prefix cache holds the prompt up to there; the tail runs next step.
-                end = (end // self.block) * self.block
+            if self.block:
+                # End on a prefix-cache snapshot point: the last one inside a budget-limited chunk,
+                # or, for the prompt's last chunk, the last one strictly inside the prompt (so
+                # prompts that share a beginning find it cached); the tail runs in the next step.
+                n, b = len(req.prompt_token_ids), self.block
+                cut = (end // b) * b if end < n else ((n - 1) // b) * b
+                if start < cut < end:
+                    end = cut
             out.prefill.append(PrefillChunk(req, start, end))
             budget -= end - start
         return out

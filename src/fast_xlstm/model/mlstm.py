@@ -83,11 +83,19 @@ class MLSTMLayer(nn.Module):
         """u [B, S, d] (normed block input) -> y [B, S, d] and the final state (N sequences)."""
         B, S, _ = u.shape
         q, k, v, o, i, f = self._project(u)
+        h, state = self.cell(q, k, v, i, f, state, cu_seqlens)
+        return self._output(h, o), state
+
+    def cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+             state: MLSTMState | None, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, MLSTMState]:
+        """The mLSTM cell over sequences: q, k [B, S, qk], v [B, S, v], i, f [B, S, NH] ->
+        h [B, S, NH, DV] and the final state (through the ops dispatch)."""
+        B, S, _ = q.shape
         nh = self.num_heads
         q, k, v = (x.reshape(B, S, nh, -1).transpose(1, 2) for x in (q, k, v))  # [B, NH, S, D*]
         h, state = ops.mlstm_chunkwise(q, k, v, i.transpose(1, 2), f.transpose(1, 2), state,
                                        cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, eps=self.eps)
-        return self._output(h.transpose(1, 2), o), state
+        return h.transpose(1, 2), state
 
     def step(self, u: torch.Tensor, state: MLSTMState | None) -> tuple[torch.Tensor, MLSTMState]:
         """One decode step: u [B, d] -> y [B, d] and the new state."""

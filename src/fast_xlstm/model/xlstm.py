@@ -32,11 +32,20 @@ class MLSTMBlock(nn.Module):
         self.norm_ffn = RMSNorm(c.embedding_dim, c.norm_eps, c.norm_reduction_force_float32)
         self.ffn = FeedForward(c.embedding_dim, c.ffn_dim, c.use_bias)
 
+    def pre_cell(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., d] -> q, k, v, o, i, f: everything before the cell (one compiled region)."""
+        return self.mlstm_layer._project(self.norm_mlstm(x))
+
+    def post_cell(self, x: torch.Tensor, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Residual input x, cell output h [..., NH, DV] and o-gate o -> block output (one compiled region)."""
+        x = x + self.mlstm_layer._output(h, o)
+        return x + self.ffn(self.norm_ffn(x))
+
     def forward(self, x: torch.Tensor, state: MLSTMState | None, cu_seqlens: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, MLSTMState]:  # x [B, S, d]
-        y, state = self.mlstm_layer(self.norm_mlstm(x), state, cu_seqlens=cu_seqlens)
-        x = x + y
-        return x + self.ffn(self.norm_ffn(x)), state
+        q, k, v, o, i, f = self.pre_cell(x)
+        h, state = self.mlstm_layer.cell(q, k, v, i, f, state, cu_seqlens)
+        return self.post_cell(x, h, o), state
 
     def step(self, x: torch.Tensor, state: MLSTMState | None) -> tuple[torch.Tensor, MLSTMState]:  # x [B, d]
         y, state = self.mlstm_layer.step(self.norm_mlstm(x), state)

@@ -28,7 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # preset's random weights), so the server's outputs equal offline ones.
     llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype, device=args.device,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              use_cuda_graph=False if args.no_cuda_graph else None, compile_decode=args.compile,
+              use_cuda_graph=False if args.no_cuda_graph else None, compile_decode=args.compile, compile_prefill=args.compile,
               enable_prefix_cache=not args.no_prefix_cache, prefix_block=args.prefix_block,
               cache_device_bytes=int(args.prefix_cache_gb * 2**30),
               cache_host_bytes=int(args.prefix_cache_host_gb * 2**30),
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get a 413")
     p.add_argument("--max-n", type=int, default=128, help="the most choices (n) per request")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager decode on CUDA (debugging)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slower start)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step and prefill regions (slower start)")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prompt-prefix state cache off")
     p.add_argument("--prefix-block", type=int, default=512, help="prefix-cache snapshot interval in tokens")
     p.add_argument("--prefix-cache-gb", type=float, default=4.0, help="prefix-cache snapshots kept on the device")
