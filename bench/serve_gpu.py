@@ -81,33 +81,35 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/serve")
     ap.add_argument("--model", default="xlstm-7b")
     ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--only-prefix", action="store_true", help="only the shared-prefix TTFT comparison")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"), "model": args.model}
+    # TTFT runs ask for logprobs so the server sends a chunk per token: with random weights many
+    # tokens decode to no text, and a text-only stream would time the first visible text instead.
+    prefix_args = ("--concurrency", "1", "--num-requests", "24", "--shared-prefix-tokens", "2048", "--prompt-tokens",
+                   "64", "--output-tokens", "8", "--warmup", "2", "--logprobs")
 
     port = 8123
-    srv = start_server(out, "cache-on", port, args.model, "--max-num-seqs", "256", "--compile")
+    srv = start_server(out, "cache-on", port, args.model, "--max-num-seqs", "64" if args.only_prefix else "256",
+                       "--compile")
     try:
-        for c in (64, 256):
+        for c in () if args.only_prefix else (64, 256):
             result[f"concurrency_{c}"] = load(out, f"c{c}", port, "--concurrency", str(c), "--num-requests",
                                               str(max(args.requests, c)), "--prompt-tokens", "512",
                                               "--output-tokens", "256", "--warmup", "4")
-        result["ttft_shared_prefix_cache_on"] = load(out, "prefix-on", port, "--concurrency", "1", "--num-requests",
-                                                     "24", "--shared-prefix-tokens", "2048", "--prompt-tokens", "64",
-                                                     "--output-tokens", "8", "--warmup", "2")
+        result["ttft_shared_prefix_cache_on"] = load(out, "prefix-on", port, *prefix_args)
     finally:
         stop(srv)
     srv = start_server(out, "cache-off", port, args.model, "--max-num-seqs", "8", "--no-prefix-cache", "--compile")
     try:
-        result["ttft_shared_prefix_cache_off"] = load(out, "prefix-off", port, "--concurrency", "1",
-                                                      "--num-requests", "24", "--shared-prefix-tokens", "2048",
-                                                      "--prompt-tokens", "64", "--output-tokens", "8", "--warmup", "2")
+        result["ttft_shared_prefix_cache_off"] = load(out, "prefix-off", port, *prefix_args)
     finally:
         stop(srv)
-    static = static_decode(args.model, [64, 256])
+    static = {} if args.only_prefix else static_decode(args.model, [64, 256])
     result["static_decode_tok_s"] = static
-    for c in (64, 256):
+    for c in () if args.only_prefix else (64, 256):
         served = result[f"concurrency_{c}"]
         tput = served["output_throughput_tok_s"]
         result[f"ratio_served_to_static_{c}"] = tput / static[c] if tput else None
