@@ -59,7 +59,7 @@ def test_jsonl_and_parquet_inputs(tmp_path):
 
 
 def test_missing_datasets_package_gives_an_actionable_error(tmp_path, monkeypatch, capsys):
-    from fast_xlstm.training.cli import main
+    from fast_xlstm.cli import main
 
     (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
@@ -69,7 +69,7 @@ def test_missing_datasets_package_gives_an_actionable_error(tmp_path, monkeypatc
 
 
 def test_bad_input_is_reported(tmp_path, capsys):
-    from fast_xlstm.training.cli import main
+    from fast_xlstm.cli import main
 
     rc = main(["prepare-data", "--input", str(tmp_path / "missing.txt"), "--tokenizer", str(tiny_tokenizer_dir()),
                "--output", str(tmp_path / "out")])

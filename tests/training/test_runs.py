@@ -88,7 +88,7 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_step(reference_run, t
 def test_export_then_from_pretrained_gives_the_trained_logits(reference_run, tmp_path):
     from fast_xlstm.model import XLSTMForCausalLM
     from fast_xlstm.tokenizer import Tokenizer
-    from fast_xlstm.training.cli import main
+    from fast_xlstm.cli import main
 
     assert main(["export", str(reference_run.run_dir / "checkpoints"), str(tmp_path / "hub")]) == 0
     model = XLSTMForCausalLM.from_pretrained(tmp_path / "hub")

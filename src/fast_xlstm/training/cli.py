@@ -1,7 +1,6 @@
 """The training commands: `prepare-data`, `train`, `export`.
 
-`register(subparsers)` adds them to the `fast-xlstm` parser; `python -m fast_xlstm.training.cli`
-runs them on their own. Each command returns an exit code: 0 ok, 2 bad input, 3 non-finite loss.
+`register(subparsers)` adds them to the `fast-xlstm` parser (`fast_xlstm.cli`). Each command returns an exit code: 0 ok, 2 bad input, 3 non-finite loss.
 """
 
 from __future__ import annotations
@@ -111,20 +110,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fast-xlstm", description="xLSTM training commands")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        _err(f"error: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
