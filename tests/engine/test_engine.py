@@ -65,7 +65,7 @@ def test_teacher_forced_decode_equals_full_forward(llm, batch):
     for t in range(prompt, seqs.shape[1]):
         runner.set_last_tokens(slots, seqs[:, t].tolist())
         result = runner.decode(slots, mode)
-        assert rel_err(result.logits.cpu(), full[:, t]) < 1e-4  # fp32 model and state
+        assert rel_err(result.logits.cpu(), full[:, t].cpu()) < 1e-4  # fp32 model and state
     assert not engine.has_unfinished_requests()
 
 
