@@ -32,11 +32,17 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def test_generate_default_model_says_it_is_random():
+def test_generate_with_no_model_uses_the_bundled_model():
     r = run("generate", "Hello world", "--max-tokens", "8", "--seed", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
-    assert "random weights" in r.stderr and "tok/s" in r.stderr
+    assert "bundled default model" in r.stderr and "tok/s" in r.stderr
+
+
+def test_generate_random_preset_says_it_is_random():
+    r = run("generate", "Hello world", "--model", "xlstm-tiny", "--max-tokens", "8", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "random weights" in r.stderr
 
 
 def test_generate_from_checkpoint_is_deterministic_when_greedy(checkpoint):

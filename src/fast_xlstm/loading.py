@@ -20,6 +20,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRESET = "xlstm-tiny"
 
 
+def default_model_dir() -> Path:
+    """The bundled default model: the 7B block design at 13.4M parameters, trained on Shakespeare
+    (see its README.md and recipes/default_model/)."""
+    return Path(str(resources.files("fast_xlstm") / "assets" / "default"))
+
+
 def tiny_tokenizer_dir() -> Path:
     """The byte-level BPE tokenizer (1024 tokens) shipped for the tiny demo and test models."""
     return Path(str(resources.files("fast_xlstm") / "assets" / "tiny"))
@@ -45,16 +51,19 @@ class LoadedModel:
 def load(model: str | Path | None = None, *, device: str | None = None, dtype: torch.dtype | str | None = None,
          fuse: bool = False, seed: int = 0) -> LoadedModel:
     """Loads a checkpoint directory (hub or `xlstm` layout, with tokenizer.json), or builds a preset
-    with random weights. None means the default model (today: the tiny random preset)."""
+    with random weights. None means the bundled default model (the tiny random preset if a build
+    lacks it)."""
     device = device or default_device()
     dt = parse_dtype(dtype) or default_dtype(device)
-    name = DEFAULT_PRESET if model is None else str(model)
+    bundled = model is None and (default_model_dir() / "config.json").exists()
+    name = str(default_model_dir()) if bundled else DEFAULT_PRESET if model is None else str(model)
     path = Path(name)
     if path.is_dir():
         lm = XLSTMForCausalLM.from_pretrained(path, dtype=dt, device=device, fuse=fuse)
         tok = Tokenizer.from_dir(path, bos_token_id=lm.config.bos_token_id or 0,
                                  add_bos=lm.config.force_bos_token_insert)
-        return LoadedModel(lm, tok, f"checkpoint {path}", random_weights=False)
+        what = "the bundled default model (13.4M parameters, trained on Shakespeare)" if bundled else f"checkpoint {path}"
+        return LoadedModel(lm, tok, what, random_weights=False)
     if name in PRESETS:
         cfg = get_preset(name)
         tok = Tokenizer.from_dir(tiny_tokenizer_dir())
