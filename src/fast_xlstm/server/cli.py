@@ -20,7 +20,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .config import ServerConfig
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(model_names=args.served_model_name or [args.model or "xlstm-tiny"],
+    config = ServerConfig(model_names=args.served_model_name or [args.model or "fast-xlstm-default"],
                           api_key=args.api_key or os.environ.get("FAST_XLSTM_API_KEY") or None,
                           max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
                           max_request_bytes=args.max_request_bytes, max_n=args.max_n)
