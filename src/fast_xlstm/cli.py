@@ -160,7 +160,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory or preset (default: tiny random model)")
+    p.add_argument("--model", default=None, help="checkpoint directory or preset (default: the bundled Shakespeare model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
 

@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds `serve` to the `fast-xlstm` command line."""
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    p.add_argument("--model", default=None, help="checkpoint directory or preset (default: tiny random model)")
+    p.add_argument("--model", default=None, help="checkpoint directory or preset (default: the bundled Shakespeare model)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients pass as `model` (default: the --model argument)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
