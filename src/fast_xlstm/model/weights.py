@@ -91,32 +91,35 @@ def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tens
 
 
 # ---- key mapping ---------------------------------------------------------------------------------
+def _fused_splits(config: XLSTMConfig) -> dict[str, tuple[tuple[str, ...], list[int]]]:
+    """Fused module name -> (the single modules its rows belong to, their row counts), in order."""
+    qk, v, nh, ffn = config.qk_dim, config.v_dim, config.num_heads, config.ffn_dim
+    return {
+        "mlstm_layer.qkv_opreact": (("mlstm_layer.q", "mlstm_layer.k", "mlstm_layer.v", "mlstm_layer.ogate_preact"),
+                                    [qk, qk, v, v]),
+        "mlstm_layer.ifgate_preact": (("mlstm_layer.igate_preact", "mlstm_layer.fgate_preact"), [nh, nh]),
+        "ffn.proj_up_gate_z": (("ffn.proj_up_gate", "ffn.proj_up"), [ffn, ffn]),
+    }
+
+
 def canonical_tensors(items: Iterator[tuple[str, torch.Tensor]], config: XLSTMConfig
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """Maps any layout's keys to ours (= hub single-weight keys), splitting fused projections."""
-    qk, v, nh, ffn = config.qk_dim, config.v_dim, config.num_heads, config.ffn_dim
+    splits = _fused_splits(config)
     for key, t in items:
         if key == "embedding.weight":
             yield "backbone.embeddings.weight", t
-        elif key.endswith("mlstm_layer.qkv_opreact.weight") or key.endswith("mlstm_layer.qkv_opreact.bias"):
-            base, kind = key.rsplit(".qkv_opreact.", 1)
-            _expect_rows(key, t, 2 * qk + 2 * v)
-            for name, part in zip(("q", "k", "v", "ogate_preact"), t.split([qk, qk, v, v], 0)):
-                yield f"{base}.{name}.{kind}", part
-        elif key.endswith("mlstm_layer.ifgate_preact.weight") or key.endswith("mlstm_layer.ifgate_preact.bias"):
-            base, kind = key.rsplit(".ifgate_preact.", 1)
-            _expect_rows(key, t, 2 * nh)
-            ig, fg = t.split(nh, 0)
-            yield f"{base}.igate_preact.{kind}", ig
-            yield f"{base}.fgate_preact.{kind}", fg
-        elif key.endswith("ffn.proj_up_gate_z.weight") or key.endswith("ffn.proj_up_gate_z.bias"):
-            base, kind = key.rsplit(".proj_up_gate_z.", 1)
-            _expect_rows(key, t, 2 * ffn)
-            gate, up = t.split(ffn, 0)
-            yield f"{base}.proj_up_gate.{kind}", gate
-            yield f"{base}.proj_up.{kind}", up
-        else:
+            continue
+        module, _, kind = key.rpartition(".")
+        fused = next((f for f in splits if module.endswith("." + f)), None)
+        if fused is None:
             yield key, t
+            continue
+        base = module[: -len(fused)]
+        names, rows = splits[fused]
+        _expect_rows(key, t, sum(rows))
+        for name, part in zip(names, t.split(rows, 0)):
+            yield f"{base}{name}.{kind}", part
 
 
 def _expect_rows(key: str, t: torch.Tensor, rows: int) -> None:

@@ -19,7 +19,7 @@ from .serving import (
     collect,
     resolve_max_tokens,
     sampling_params,
-    sse_response,
+    streamed,
     submit,
     usage,
 )
@@ -90,9 +90,7 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext, request
     rid = ctx.new_id("cmpl")
     stream = await submit(ctx, subs, rid, "prompt", arrival)
     if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        events = _chunks(req, ctx, stream, rid, include_usage)
-        return sse_response(ctx, stream, events, dump=None if include_usage else {"exclude": {"usage"}})
+        return streamed(req, ctx, stream, lambda include_usage: _chunks(req, ctx, stream, rid, include_usage))
     choices = await collect(ctx, stream, request)
     resp = CompletionResponse(id=rid, model=req.model, usage=usage(choices, req.n), choices=[
         CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -197,6 +197,14 @@ def usage(choices: Mapping[int, Choice | Delta], n: int) -> Usage:
     completion = sum(c.num_generated for c in choices.values())
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c.cached_tokens for c in firsts)))
+
+
+def streamed(req, ctx: ServingContext, stream: RequestStream,
+             make_events: Callable[[bool], AsyncIterator[BaseModel]]) -> EventSourceResponse:
+    """The SSE response of a streaming request (completions or chat): `make_events(include_usage)`
+    gives the chunks; usage is sent only when `stream_options.include_usage` asks for it."""
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    return sse_response(ctx, stream, make_events(include_usage), dump=None if include_usage else {"exclude": {"usage"}})
 
 
 def sse_response(ctx: ServingContext, stream: RequestStream, events: AsyncIterator[BaseModel],
