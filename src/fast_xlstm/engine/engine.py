@@ -53,13 +53,13 @@ class LLMEngine:
     def __init__(self, model: XLSTMForCausalLM, tokenizer: Tokenizer | None, *, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, state_dtype: torch.dtype = torch.float32,
                  use_cuda_graph: bool | None = None, compile_decode: bool = False, compile_prefill: bool = False,
-                 enable_prefix_cache: bool = True, prefix_block: int = 512,
+                 max_graph_prefill_tokens: int = 2048, enable_prefix_cache: bool = True, prefix_block: int = 512,
                  cache_device_bytes: int = 4 << 30, cache_host_bytes: int = 16 << 30,
                  max_sessions_device_bytes: int = 4 << 30, max_sessions_host_bytes: int = 16 << 30):
         self.model, self.tokenizer = model, tokenizer
         self.runner = ModelRunner(model, num_slots=max_num_seqs, state_dtype=state_dtype,
                                   use_cuda_graph=use_cuda_graph, compile_decode=compile_decode,
-                                  compile_prefill=compile_prefill)
+                                  compile_prefill=compile_prefill, max_graph_prefill_tokens=max_graph_prefill_tokens)
         self.prefix_block = prefix_block if enable_prefix_cache else 0
         self.prefix_cache: StateCache[bytes] | None = (
             StateCache(cache_device_bytes, cache_host_bytes) if enable_prefix_cache else None)

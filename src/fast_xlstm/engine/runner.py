@@ -5,6 +5,13 @@ and write, so a padded batch never touches a live request. The decode step (embe
 head, soft cap, penalties, sampling, logprobs) reads everything it needs from these buffers through
 the slot indices, so a step's only host inputs are the slot list, and its only output is the
 sampled tokens: on CUDA it is one graph replay per step.
+
+Short prefills (at most `max_graph_prefill_tokens` tokens of at most 8 prompts) are CUDA graphs
+too: the tokens are packed into a bucket of T positions (a power of two) for N sequences (1, 2, 4
+or 8), the Triton kernels read their sequence tables from the device (`ops.triton.PackedPlan`), and
+states move between the pool rows and the kernels inside the graph. Eager, such a prefill costs
+tens of milliseconds of kernel launches on the 7B, more than its GPU time. Longer prefills run
+eagerly, where the GPU is the bottleneck anyway.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from ..generation.params import SamplingParams
 from ..generation.sampling import (apply_penalties, counter_exponential_noise, prompt_mask_from_ids, sample,
                                    token_logprobs)
@@ -23,6 +31,8 @@ from ..state import StatePool
 logger = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PREFILL_GRAPH_SEQS = (1, 2, 4, 8)  # sequence-count buckets of graph prefills
+PREFILL_GRAPH_MIN_TOKENS = 16  # smallest token bucket (the kernels' smallest chunk)
 LOGPROBS_K = 20  # the most alternatives a decode step reports (OpenAI's limit)
 
 
@@ -66,6 +76,16 @@ class DecodeMode:
 
 
 @dataclass
+class _PlannedPrefill:
+    """One (sequences, tokens) bucket of the device-table prefill: its static input buffer
+    (int64: tokens [T] | pool rows [N] | last positions [N] | kernel tables) and its graph."""
+
+    layout: object  # ops.triton.PackedLayout
+    buf: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+@dataclass
 class StepResult:
     """Per batch row: sampled token, and (when asked) its logprob and the top alternatives."""
 
@@ -78,7 +98,10 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: XLSTMForCausalLM, *, num_slots: int, state_dtype: torch.dtype = torch.float32,
-                 use_cuda_graph: bool | None = None, compile_decode: bool = False, compile_prefill: bool = False):
+                 use_cuda_graph: bool | None = None, compile_decode: bool = False, compile_prefill: bool = False,
+                 max_graph_prefill_tokens: int = 2048):
+        """max_graph_prefill_tokens: prefills of at most this many tokens (rounded down to a power of
+        two; 0 = none) run through the device-table path, captured as CUDA graphs on CUDA."""
         self.model = model
         if compile_decode:
             compile_block_steps(model)
@@ -116,6 +139,15 @@ class ModelRunner:
         self.out_logits: torch.Tensor | None = None  # [max bucket, V], made on first use
         self._graphs: dict[tuple[int, DecodeMode], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
+        self._side_stream: torch.cuda.Stream | None = None
+        if max_graph_prefill_tokens < 0:
+            raise ValueError(f"max_graph_prefill_tokens must be >= 0, got {max_graph_prefill_tokens}")
+        self.max_graph_prefill_tokens = max_graph_prefill_tokens
+        # The device-table prefill needs the Triton kernels (on CUDA; on CPU only in their interpreter).
+        self.planned_prefill = max_graph_prefill_tokens >= PREFILL_GRAPH_MIN_TOKENS and \
+            ops.planned_prefill_supported(model.lm_head.weight)
+        self._planned: dict[tuple[int, int], _PlannedPrefill] = {}
+        self.prefill_logits: torch.Tensor | None = None  # [max sequences, V] fp32, the planned path's output
 
     # ---- per-request setup ----------------------------------------------------------------------
     def start_request(self, slot: int, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
@@ -153,10 +185,14 @@ class ModelRunner:
 
         Rows whose piece ends their prompt (`last`) get their first token sampled; returns those.
         """
-        # The states of a group are copied out of the pool and back: groups bound that copy's memory.
-        group = max(1, self.prefill_state_bytes // self._state_bytes_per_seq)
-        logits = torch.cat([self._prefill_group(slots[a:a + group], pieces[a:a + group])
-                            for a in range(0, len(slots), group)])
+        layout = self._planned_layout([len(p) for p in pieces])
+        if layout is not None:
+            logits = self._prefill_planned(layout, slots, pieces)
+        else:
+            # The states of a group are copied out of the pool and back: groups bound that copy's memory.
+            group = max(1, self.prefill_state_bytes // self._state_bytes_per_seq)
+            logits = torch.cat([self._prefill_group(slots[a:a + group], pieces[a:a + group])
+                                for a in range(0, len(slots), group)])
         rows = [j for j, is_last in enumerate(last) if is_last]
         if not rows:
             return StepResult(tokens=[])
@@ -173,6 +209,75 @@ class ModelRunner:
         logits, state = self.model(packed, self.pool.read(slots), cu_seqlens=cu, last_logits_only=True)
         self.pool.write(slots, state)
         return logits
+
+    def _planned_layout(self, lengths: list[int]):
+        """The smallest planned-prefill bucket that holds pieces of these lengths, or None."""
+        total = sum(lengths)
+        if not self.planned_prefill or len(lengths) > PREFILL_GRAPH_SEQS[-1] or min(lengths) < 1:
+            return None
+        tokens = max(PREFILL_GRAPH_MIN_TOKENS, 1 << (total - 1).bit_length())
+        if tokens > self.max_graph_prefill_tokens:
+            return None
+        seqs = next(n for n in PREFILL_GRAPH_SEQS if n >= len(lengths))
+        return ops.triton_module().PackedLayout(seqs, tokens, self.model.config.chunk_size)
+
+    def _prefill_planned(self, layout, slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
+        """Prefill through the device-table path: fill the bucket's buffer, replay (or run and
+        capture) its graph. Returns logits [len(slots), V] at the pieces' last positions."""
+        tri = ops.triton_module()
+        T, N = layout.num_tokens, layout.max_seqs
+        key = (N, T)
+        entry = self._planned.get(key)
+        if entry is None:
+            entry = self._planned[key] = _PlannedPrefill(
+                layout, torch.zeros(T + 2 * N + layout.size, dtype=torch.long, device=self.device))
+        if self.prefill_logits is None:
+            self.prefill_logits = torch.zeros(PREFILL_GRAPH_SEQS[-1], self.vocab, device=self.device)
+        offsets = [0]
+        for p in pieces:
+            offsets.append(offsets[-1] + len(p))
+        ids = [t for p in pieces for t in p]
+        vals = (ids + [0] * (T - len(ids)) + tri.padded_rows(layout, offsets, slots)
+                + tri.padded_rows(layout, offsets, [o - 1 for o in offsets[1:]]) + tri.plan_values(layout, offsets))
+        entry.buf.copy_(torch.tensor(vals, dtype=torch.long), non_blocking=True)
+        if entry.graph is not None:
+            entry.graph.replay()
+        elif self.use_cuda_graph:
+            entry.graph = self._capture_prefill(entry)
+        else:
+            self._prefill_body(entry)
+        return self.prefill_logits[:len(slots)].clone()  # the buffer is the next prefill's output too
+
+    def _prefill_body(self, entry: _PlannedPrefill) -> None:
+        layout = entry.layout
+        T, N = layout.num_tokens, layout.max_seqs
+        buf = entry.buf
+        plan = ops.triton_module().PackedPlan.from_buffer(layout, buf[T + 2 * N:])
+        logits = self.model.prefill_slots(buf[:T][None], self.pool.layers, buf[T:T + N], plan, buf[T + N:T + 2 * N])
+        self.prefill_logits[:N].copy_(logits)
+
+    def _warmup_stream(self) -> torch.cuda.Stream:
+        """One side stream for every warm-up before a capture (cuBLAS keeps a workspace per stream)."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
+
+    def _capture_prefill(self, entry: _PlannedPrefill) -> torch.cuda.CUDAGraph:
+        """Runs the prefill in the buffer for real (which also warms every kernel up), then records
+        it; recording executes nothing, so the pool is advanced exactly once."""
+        stream = self._warmup_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._prefill_body(entry)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._prefill_body(entry)
+        logger.debug("captured prefill graph for %d sequences in %d tokens", entry.layout.max_seqs,
+                     entry.layout.num_tokens)
+        return graph
 
     def sample_rows(self, logits: torch.Tensor, slots: list[int], params: list[SamplingParams]) -> StepResult:
         """Samples one token per row of `logits` [B, V] for the requests in `slots` and records it."""
@@ -254,7 +359,7 @@ class ModelRunner:
         slots = self.slot_buf[:bucket]
         saved = slots.clone()
         slots.fill_(-1)  # warm-up and capture on padding rows only: no live request is touched
-        stream = torch.cuda.Stream()
+        stream = self._warmup_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):

@@ -87,14 +87,19 @@ class MLSTMLayer(nn.Module):
         return self._output(h, o), state
 
     def cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-             state: MLSTMState | None, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, MLSTMState]:
+             state: MLSTMState | None, cu_seqlens: torch.Tensor | None, plan=None) -> tuple[torch.Tensor, MLSTMState]:
         """The mLSTM cell over sequences: q, k [B, S, qk], v [B, S, v], i, f [B, S, NH] ->
-        h [B, S, NH, DV] and the final state (through the ops dispatch)."""
+        h [B, S, NH, DV] and the final state (through the ops dispatch). `plan`: a
+        `ops.triton.PackedPlan` for packed input (B = 1) with device-side tables, instead of cu_seqlens."""
         B, S, _ = q.shape
         nh = self.num_heads
         q, k, v = (x.reshape(B, S, nh, -1).transpose(1, 2) for x in (q, k, v))  # [B, NH, S, D*]
-        h, state = ops.mlstm_chunkwise(q, k, v, i.transpose(1, 2), f.transpose(1, 2), state,
-                                       cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, eps=self.eps)
+        if plan is not None:
+            h, state = ops.mlstm_chunkwise_planned(q, k, v, i.transpose(1, 2), f.transpose(1, 2), state, plan,
+                                                   eps=self.eps)
+        else:
+            h, state = ops.mlstm_chunkwise(q, k, v, i.transpose(1, 2), f.transpose(1, 2), state,
+                                           cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, eps=self.eps)
         return h.transpose(1, 2), state
 
     def step(self, u: torch.Tensor, state: MLSTMState | None) -> tuple[torch.Tensor, MLSTMState]:

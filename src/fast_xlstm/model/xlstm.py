@@ -52,10 +52,18 @@ class MLSTMBlock(nn.Module):
         x = x + y
         return x + self.ffn(self.norm_ffn(x)), state
 
-
     def step_slots(self, x: torch.Tensor, pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
         x = x + self.mlstm_layer.step_slots(self.norm_mlstm(x), pool, slots)
         return x + self.ffn(self.norm_ffn(x))
+
+    def prefill_slots(self, x: torch.Tensor, pool: MLSTMState, rows: torch.Tensor, plan) -> torch.Tensor:
+        """Packed prefill x [1, T, d] of the plan's sequences from pool rows `rows` [N] (updated in place)."""
+        q, k, v, o, i, f = self.pre_cell(x)
+        init = tuple(t.index_select(0, rows) for t in pool)
+        h, final = self.mlstm_layer.cell(q, k, v, i, f, init, None, plan=plan)
+        for t, new in zip(pool, final):
+            t.index_copy_(0, rows, new.to(t.dtype))
+        return self.post_cell(x, h, o)
 
 
 class XLSTMBackbone(nn.Module):
@@ -225,6 +233,25 @@ class XLSTMForCausalLM(nn.Module):
         for block, layer_pool in zip(self.backbone.blocks, pool):
             x = block.step_slots(x, layer_pool, slots)
         return self._head(x)
+
+    def prefill_slots(self, input_ids: torch.Tensor, pool: ModelState, rows: torch.Tensor, plan,
+                      last_index: torch.Tensor) -> torch.Tensor:
+        """Prefill of packed sequences whose states live in a state pool (updated in place), with no
+        host sync, so the whole call can be captured in a CUDA graph (Triton kernels only).
+
+        Args:
+            input_ids: [1, T] tokens of the plan's sequences (positions outside them are ignored);
+            pool: per-block (C [P, ...], n, m) tensors; rows: [N] int64 pool row of each sequence
+                (rows repeated only for sequences the plan made duplicates of each other);
+            plan: `ops.triton.PackedPlan` describing where the N sequences lie in T;
+            last_index: [N] int64 position of each sequence's last token.
+        Returns:
+            logits fp32 [N, V] at the last positions.
+        """
+        x = self.backbone.embeddings(input_ids)
+        for block, layer_pool in zip(self.backbone.blocks, pool):
+            x = block.prefill_slots(x, layer_pool, rows, plan)
+        return self._head(x[0].index_select(0, last_index))
 
 
 def _gate_linears(model: XLSTMForCausalLM) -> set[nn.Module]:

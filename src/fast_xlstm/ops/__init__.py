@@ -1,6 +1,7 @@
 """mLSTM cell ops: one dispatch point for every implementation.
 
-The model calls only `mlstm_chunkwise` and `mlstm_step`. Backends register here; "auto" picks the
+The model calls `mlstm_chunkwise`, `mlstm_step`, `mlstm_step_slots_` and, for CUDA-graph prefill,
+`mlstm_chunkwise_planned` (Triton only: `planned_prefill_supported` says when it is there). Backends register here; "auto" picks the
 fastest registered backend that supports the tensors' device (Triton on CUDA once registered, torch
 elsewhere). `FAST_XLSTM_BACKEND=torch|triton|auto` forces a choice for the whole process.
 """
@@ -22,7 +23,8 @@ from .step_slots_torch import mlstm_step_slots_torch_
 
 __all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "mlstm_quadratic",
            "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
-           "available_backends", "mlstm_step_slots_", "mlstm_step_slots_torch_"]
+           "available_backends", "mlstm_step_slots_", "mlstm_step_slots_torch_", "mlstm_chunkwise_planned",
+           "planned_prefill_supported", "triton_module"]
 
 
 @dataclass(frozen=True)
@@ -129,3 +131,26 @@ def mlstm_step_slots_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torc
     """
     impl = resolve_backend(q, backend).step_slots or mlstm_step_slots_torch_
     return impl(q, k, v, i, f, C, n, m, slots, eps=eps)
+
+
+def triton_module():
+    """`fast_xlstm.ops.triton` (imported on first use), or None where Triton cannot be imported."""
+    return _triton()
+
+
+def planned_prefill_supported(x: torch.Tensor) -> bool:
+    """Whether tensors like `x` run the Triton kernels, which the device-table prefill needs."""
+    try:
+        return resolve_backend(x).name == "triton"
+    except ValueError:
+        return False
+
+
+def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                            initial_state: MLSTMState, plan, *, eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
+    """Packed inference forward from a `triton.PackedPlan` (no host sync). Shapes: see
+    `triton.planned.mlstm_chunkwise_planned`."""
+    mod = _triton()
+    if mod is None:
+        raise RuntimeError("the planned (device-table) prefill needs the Triton kernels, which are unavailable")
+    return mod.mlstm_chunkwise_planned(q, k, v, i, f, initial_state, plan, eps=eps)

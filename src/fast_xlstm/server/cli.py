@@ -29,7 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype, device=args.device,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               use_cuda_graph=False if args.no_cuda_graph else None, compile_decode=args.compile, compile_prefill=args.compile,
-              enable_prefix_cache=not args.no_prefix_cache, prefix_block=args.prefix_block,
+              max_graph_prefill_tokens=args.max_graph_prefill_tokens, enable_prefix_cache=not args.no_prefix_cache, prefix_block=args.prefix_block,
               cache_device_bytes=int(args.prefix_cache_gb * 2**30),
               cache_host_bytes=int(args.prefix_cache_host_gb * 2**30),
               max_sessions_device_bytes=int(args.session_cache_gb * 2**30),
@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get a 413")
     p.add_argument("--max-n", type=int, default=128, help="the most choices (n) per request")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager decode on CUDA (debugging)")
+    p.add_argument("--max-graph-prefill-tokens", type=int, default=2048,
+                   help="prefills of up to this many tokens (of up to 8 prompts) replay CUDA graphs (0 = never)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step and prefill regions (slower start)")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prompt-prefix state cache off")
     p.add_argument("--prefix-block", type=int, default=512, help="prefix-cache snapshot interval in tokens")

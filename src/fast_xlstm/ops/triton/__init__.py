@@ -6,11 +6,14 @@ lazily as backend "triton", so `import fast_xlstm.ops` never needs triton.
   mlstm_chunkwise_triton  chunkwise prefill/training forward + backward (custom ops, autograd)
   mlstm_step_triton       fused decode step, functional
   mlstm_step_slots_       fused decode step on a state-slot pool, in place
+  mlstm_chunkwise_planned packed inference forward from device-side tables (CUDA-graph capturable)
 """
 
 from __future__ import annotations
 
 from .autograd import mlstm_chunkwise_triton
+from .planned import PackedLayout, PackedPlan, mlstm_chunkwise_planned, padded_rows, plan_values
 from .step import mlstm_step_slots_, mlstm_step_triton
 
-__all__ = ["mlstm_chunkwise_triton", "mlstm_step_triton", "mlstm_step_slots_"]
+__all__ = ["mlstm_chunkwise_triton", "mlstm_step_triton", "mlstm_step_slots_", "mlstm_chunkwise_planned",
+           "PackedLayout", "PackedPlan", "plan_values", "padded_rows"]

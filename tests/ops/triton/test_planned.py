@@ -1,0 +1,107 @@
+"""The device-table (planned) prefill: kernel tables, the kernel against the float64 recurrence, and
+the runner's planned prefill against its eager packed prefill (on CPU in the Triton interpreter, on
+CUDA through captured graphs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fast_xlstm.engine.runner import ModelRunner
+from fast_xlstm.generation.params import SamplingParams
+from fast_xlstm.ops import mlstm_recurrent
+from fast_xlstm.ops.triton import PackedLayout, PackedPlan, mlstm_chunkwise_planned, padded_rows, plan_values
+
+from modelutil import random_ids, tiny_model
+
+TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2}  # as for the host-planned forward (test_chunkwise_fwd)
+
+
+def _offsets(lengths: list[int]) -> list[int]:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
+def test_plan_values_layout_and_padding():
+    layout = PackedLayout(max_seqs=4, num_tokens=64, chunk_size=16)
+    assert layout.L == 16 and layout.max_chunks == 64 // 16 + 4 and layout.size == 3 * 4 + 2 * 8
+    offs = _offsets([20, 5, 30])  # chunks: 2, 1, 2
+    vals = plan_values(layout, offs)
+    S, M = 4, layout.max_chunks
+    base, lens, coff = vals[:S], vals[S:2 * S], vals[2 * S:3 * S]
+    cseq, cj = vals[3 * S:3 * S + M], vals[3 * S + M:]
+    assert base == [0, 20, 25, 20] and lens == [20, 5, 30, 5] and coff == [0, 2, 3, 2]  # pad repeats the shortest
+    assert cseq[:5] == [0, 0, 1, 2, 2] and cj[:5] == [0, 1, 0, 0, 1]
+    assert all(j * layout.L >= 30 for j in cj[5:])  # spare chunk entries: past every sequence
+    assert padded_rows(layout, offs, [7, 3, 9]) == [7, 3, 9, 3]
+    with pytest.raises(ValueError, match="at most 4 sequences"):
+        plan_values(layout, _offsets([1] * 5))
+    with pytest.raises(ValueError, match="at most 64"):
+        plan_values(layout, _offsets([40, 40]))
+    with pytest.raises(ValueError, match="rise strictly"):
+        plan_values(layout, [0, 5, 5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lengths,max_seqs,tokens", [([37], 1, 64), ([1, 16, 23], 4, 64), ([9, 30], 2, 128)])
+def test_planned_forward_matches_recurrent(lengths, max_seqs, tokens, dtype, device, seed, make_inputs,
+                                           random_state, rel_err, state_err):
+    NH, DK, DV = 2, 16, 32
+    layout = PackedLayout(max_seqs, tokens, chunk_size=16)
+    offs = _offsets(lengths)
+    N = len(lengths)
+    q, k, v, i, f = (t.to(device) for t in make_inputs(1, NH, tokens, DK, DV, dtype, seed=seed))
+    s_real = [t.to(device) for t in random_state(N, NH, DK, DV, seed=seed + 1)]
+    rows = padded_rows(layout, offs, list(range(N)))
+    s0 = [t[rows] for t in s_real]
+    buf = torch.tensor(plan_values(layout, offs), dtype=torch.long, device=device)
+    h, st = mlstm_chunkwise_planned(q, k, v, i, f, s0, PackedPlan.from_buffer(layout, buf))
+    assert h.shape == v.shape and st[0].shape == (max_seqs, NH, DK, DV) and st[2].shape == (max_seqs, NH, 1)
+    for r, pool_row in enumerate(rows):
+        src = min(r, N - 1) if r < N else pool_row
+        a, e = offs[src], offs[src + 1]
+        h_ref, st_ref = mlstm_recurrent(*(t[:, :, a:e].double().cpu() for t in (q, k, v, i, f)),
+                                        [t[src:src + 1].double().cpu() for t in s_real])
+        if r < N:
+            assert rel_err(h[:, :, a:e].cpu(), h_ref) < TOL[dtype], f"sequence {r}"
+        # A padding sequence repeats the shortest real one: it ends in exactly the same state.
+        assert state_err([t[r:r + 1].cpu() for t in st], st_ref) < TOL[dtype], f"sequence {r}"
+        if r >= N:
+            assert all(torch.equal(t[r], t[pool_row]) for t in st)
+
+
+def _runner(model, max_graph_prefill_tokens):
+    runner = ModelRunner(model, num_slots=5, max_graph_prefill_tokens=max_graph_prefill_tokens)
+    g = torch.Generator().manual_seed(1)
+    for layer in runner.pool.layers:  # start every slot from a random (non-empty) state
+        for t in layer:
+            t.copy_(torch.rand(t.shape, generator=g) * (2.0 if t.shape[-1] != 1 else 0.5))
+    return runner
+
+
+@pytest.mark.parametrize("lengths", [[7], [3, 40, 1], [20, 20, 20, 20, 5]], ids=["one", "three", "five"])
+def test_runner_planned_prefill_equals_eager(lengths, device):
+    """Same logits and pool states as the eager packed prefill, for prompts from non-empty slot states;
+    slots that take no part stay untouched."""
+    model = tiny_model(seed=4).to(device)
+    planned, eager = _runner(model, 128), _runner(model, 0)
+    assert planned.planned_prefill and not eager.planned_prefill
+    slots = [4, 0, 2, 1, 3][:len(lengths)]
+    pieces = [random_ids((n,), model.config.vocab_size, seed=n + j).tolist() for j, n in enumerate(lengths)]
+    params = [SamplingParams(temperature=0)] * len(slots)
+    untouched = [s for s in range(5) if s not in slots]
+    before = [[t[untouched].clone() for t in layer] for layer in planned.pool.layers]
+    for _ in range(2):  # twice: the second call replays the captured graph on CUDA
+        a = planned.prefill(slots, pieces, [True] * len(slots), params)
+        b = eager.prefill(slots, pieces, [True] * len(slots), params)
+        assert a.tokens == b.tokens
+        assert torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+        for la, lb in zip(planned.pool.layers, eager.pool.layers):
+            for ta, tb in zip(la, lb):
+                assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
+    for layer, saved in zip(planned.pool.layers, before):
+        assert all(torch.equal(t[untouched], s) for t, s in zip(layer, saved))
