@@ -55,9 +55,11 @@ def load(out: Path, name: str, port: int, *args: str) -> dict:
     return json.loads(path.read_text())
 
 
-def static_decode(model: str, batches: list[int], steps: int = 32) -> dict[int, float]:
+def static_decode(model: str, batches: list[int], steps: int = 32, prompt: int = 512, output: int = 256
+                  ) -> tuple[dict[int, float], dict[int, float]]:
     """Decode tok/s of a static batch through the same runner and settings as the server (compiled
-    decode step, CUDA graphs), without the server or the scheduler."""
+    decode step, CUDA graphs), without the server or the scheduler; and the output tok/s of a whole
+    static batch (prefill of `prompt` tokens per sequence, then `output` decode steps)."""
     import torch
 
     from fast_xlstm.bench.stacks import OursStack
@@ -66,14 +68,16 @@ def static_decode(model: str, batches: list[int], steps: int = 32) -> dict[int, 
     from fast_xlstm.model import XLSTMForCausalLM
 
     m = XLSTMForCausalLM.from_config(get_preset(model), dtype=torch.bfloat16, device="cuda", seed=0).fuse_projections()
-    out = {}
+    out, whole = {}, {}
     stack = OursStack(m, max_batch=max(batches), state_dtype=torch.float32, compile_decode=True)
     for b in batches:
-        stack.prefill(torch.randint(1, m.config.vocab_size, (b, 512), device="cuda"))
+        prompts = torch.randint(1, m.config.vocab_size, (b, prompt), device="cuda")
+        t_prefill = wall(lambda: stack.prefill(prompts), m.device, warmup=1, repeat=1)
         stack.decode(b, 2)
         t = wall(lambda: stack.decode(b, steps), m.device, warmup=0, repeat=2)
         out[b] = b * steps / t
-    return out
+        whole[b] = b * output / (t_prefill + output * t / steps)
+    return out, whole
 
 
 def main() -> int:
@@ -107,17 +111,19 @@ def main() -> int:
         result["ttft_shared_prefix_cache_off"] = load(out, "prefix-off", port, *prefix_args)
     finally:
         stop(srv)
-    static = {} if args.only_prefix else static_decode(args.model, [64, 256])
+    static, whole = ({}, {}) if args.only_prefix else static_decode(args.model, [64, 256])
     result["static_decode_tok_s"] = static
+    result["static_batch_with_prefill_tok_s"] = whole
     for c in () if args.only_prefix else (64, 256):
         served = result[f"concurrency_{c}"]
         tput = served["output_throughput_tok_s"]
         result[f"ratio_served_to_static_{c}"] = tput / static[c] if tput else None
+        result[f"ratio_served_to_static_batch_with_prefill_{c}"] = tput / whole[c] if tput else None
     on = result["ttft_shared_prefix_cache_on"]["ttft_ms"]["p50"]
     off = result["ttft_shared_prefix_cache_off"]["ttft_ms"]["p50"]
     result["ttft_p50_ratio_off_over_on"] = off / on
     (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict) or k == "static_decode_tok_s"},
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict) or k.startswith("static")},
                      indent=2))
     return 0
 
