@@ -48,11 +48,29 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def engine_gauges(port: int) -> dict[str, float]:
+    """The engine's step counters from /metrics (steps, busy seconds, prefill and decode seconds)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("fast_xlstm_engine_"):
+            out[name.removeprefix("fast_xlstm_engine_")] = float(value)
+    return out
+
+
 def load(out: Path, name: str, port: int, *args: str) -> dict:
+    """Runs bench/load.py; adds what the engine did meanwhile (`engine`: steps and seconds busy,
+    from /metrics, warm-up requests included) next to the client's wall time."""
     path = out / f"load-{name}.json"
+    before = engine_gauges(port)
     subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--base-url", f"http://127.0.0.1:{port}/v1",
                     "--vocab-size", "50304", "--output", str(path), *args], check=True)
-    return json.loads(path.read_text())
+    after = engine_gauges(port)
+    result = json.loads(path.read_text())
+    result["engine"] = {k: after[k] - before.get(k, 0.0) for k in after}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def static_decode(model: str, batches: list[int], steps: int = 32, prompt: int = 512, output: int = 256

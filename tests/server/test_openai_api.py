@@ -230,3 +230,10 @@ def test_metrics_move(server, client):
         before.get('fast_xlstm_requests_finished_total{finish_reason="length"}', 0) + 1
     assert 0.0 <= after["fast_xlstm_prefix_cache_hit_rate"] <= 1.0
     assert after["fast_xlstm_num_state_slots"] == server.slots
+    # The engine's own counters: at least one prefill step and 4 decode steps, and busy time that
+    # splits into prefill and decode time.
+    assert after["fast_xlstm_engine_steps"] >= before["fast_xlstm_engine_steps"] + 5
+    busy = after["fast_xlstm_engine_step_seconds"] - before["fast_xlstm_engine_step_seconds"]
+    parts = sum(after[f"fast_xlstm_engine_{k}_seconds"] - before[f"fast_xlstm_engine_{k}_seconds"]
+                for k in ("prefill", "decode"))
+    assert busy > 0 and 0 < parts <= busy

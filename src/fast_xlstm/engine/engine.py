@@ -70,7 +70,7 @@ class LLMEngine:
         self._stop_ids = stop_token_ids(model.config.stop_token_ids, tokenizer)
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generation_tokens": 0, "prefill_time": 0.0,
-                      "decode_time": 0.0}
+                      "decode_time": 0.0, "steps": 0, "step_time": 0.0}
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, session_id: str | None = None, n: int = 1) -> str:
@@ -148,6 +148,13 @@ class LLMEngine:
         self.stats["cached_tokens"] += req.num_cached
 
     def step(self) -> list[RequestOutput]:
+        t_step = time.perf_counter()
+        outputs = self._step()
+        self.stats["steps"] += 1
+        self.stats["step_time"] += time.perf_counter() - t_step
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         emitted: dict[str, RequestOutput] = {}
         # Decode first: the requests that were running before this step's prefill.

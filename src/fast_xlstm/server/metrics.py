@@ -54,10 +54,21 @@ class ServerMetrics:
                 ("slots", "num_state_slots", "State slots in the pool (--max-num-seqs)."),
                 ("tracked", "num_requests_tracked", "Requests the HTTP front streams (= running + waiting).")):
             Gauge(f"{PREFIX}_{name}", doc, registry=r).set_function(lambda key=key: self._state().get(key, 0))
+        self._stats: Callable[[], dict[str, float]] = dict
+        for key, name, doc in (
+                ("steps", "engine_steps", "Engine steps run since start."),
+                ("step_time", "engine_step_seconds", "Seconds the engine thread spent in steps since start "
+                 "(its busy time: compare with wall time to see whether the engine or the front is the bottleneck)."),
+                ("prefill_time", "engine_prefill_seconds", "Seconds of those spent in prefill forwards."),
+                ("decode_time", "engine_decode_seconds", "Seconds of those spent in decode steps.")):
+            Gauge(f"{PREFIX}_{name}", doc, registry=r).set_function(lambda key=key: self._stats().get(key, 0))
 
-    def bind_engine_state(self, state: Callable[[], dict[str, int]]) -> None:
-        """Where the queue-size gauges read from at scrape time."""
+    def bind_engine_state(self, state: Callable[[], dict[str, int]],
+                          stats: Callable[[], dict[str, float]] | None = None) -> None:
+        """Where the queue-size gauges (and the engine time gauges) read from at scrape time."""
         self._state = state
+        if stats is not None:
+            self._stats = stats
 
     def _hit_rate(self) -> float:
         return self._cached_total / self._prompt_total if self._prompt_total else 0.0
