@@ -2,9 +2,10 @@
 
 Sends streaming requests with the `openai` async client, either with Poisson arrivals at a given
 rate (`--request-rate`, optionally capped by `--max-concurrency`) or from a fixed number of
-concurrent clients (`--concurrency`), and reports output tokens/s, time to first token (TTFT),
-inter-token latency (ITL), time per output token (TPOT) and end-to-end latency percentiles, as a
-table on stdout and as JSON (`--output`).
+concurrent clients (`--concurrency`), from one or several client processes (`--processes`: one
+Python process parses only about 7,000 SSE chunks a second), and reports output tokens/s, time to
+first token (TTFT), inter-token latency (ITL), time per output token (TPOT) and end-to-end latency
+percentiles, as a table on stdout and as JSON (`--output`).
 
 Prompts are random token ids of exactly `--prompt-tokens` tokens (`/v1/completions`), or random
 words (`--prompt-kind text`, needed for `--endpoint chat`; the real token count comes from the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
 import socket
 import sys
@@ -102,7 +104,11 @@ async def one_request(client, args: argparse.Namespace, prompt: list[int] | str,
     return res
 
 
-async def run(args: argparse.Namespace) -> tuple[list[RequestResult], float]:
+async def run(args: argparse.Namespace, share: int = 0, shares: int = 1, barrier=None
+              ) -> tuple[list[RequestResult], float, float]:
+    """Runs share `share` of `shares` of the load (every shares-th prompt, its part of the clients or
+    of the request rate); returns the results and the measured window (start, end) in
+    `time.perf_counter` seconds, a system-wide clock on Linux, so windows of processes compare."""
     import openai
 
     # TCP_NODELAY: httpx writes a request's headers and body separately; with Nagle on, the body
@@ -116,20 +122,24 @@ async def run(args: argparse.Namespace) -> tuple[list[RequestResult], float]:
     if args.model is None:
         args.model = (await client.models.list()).data[0].id
     prompts = make_prompts(args)
-    if args.warmup:  # e.g. CUDA graph capture and allocator growth, outside the measurement
-        await asyncio.gather(*[one_request(client, args, p, time.perf_counter()) for p in prompts[:args.warmup]])
-    prompts = prompts[args.warmup:]
+    warm, prompts = prompts[:args.warmup][share::shares], prompts[args.warmup:][share::shares]
+    if warm:  # e.g. CUDA graph capture and allocator growth, outside the measurement
+        await asyncio.gather(*[one_request(client, args, p, time.perf_counter()) for p in warm])
+    if barrier is not None:  # every process starts measuring together
+        await asyncio.to_thread(barrier.wait)
     t0 = time.perf_counter()
     if args.request_rate is None:
         queue = iter(prompts)
+        clients = args.concurrency // shares + (share < args.concurrency % shares)
 
         async def worker() -> list[RequestResult]:
             return [await one_request(client, args, p, t0) for p in queue]  # shared iterator: next free prompt
 
-        results = [r for rs in await asyncio.gather(*[worker() for _ in range(args.concurrency)]) for r in rs]
+        results = [r for rs in await asyncio.gather(*[worker() for _ in range(clients)]) for r in rs]
     else:
-        rng = random.Random(args.seed + 1)
-        sem = asyncio.Semaphore(args.max_concurrency or len(prompts))
+        rng = random.Random(args.seed + 1 + share)
+        cap = args.max_concurrency
+        sem = asyncio.Semaphore((cap // shares + (share < cap % shares)) if cap else len(prompts) or 1)
 
         async def limited(p) -> RequestResult:
             async with sem:
@@ -138,11 +148,45 @@ async def run(args: argparse.Namespace) -> tuple[list[RequestResult], float]:
         tasks = []
         for p in prompts:
             tasks.append(asyncio.create_task(limited(p)))
-            await asyncio.sleep(rng.expovariate(args.request_rate))  # Poisson process: exponential gaps
+            # Poisson process: exponential gaps (the shares' processes superpose to the full rate)
+            await asyncio.sleep(rng.expovariate(args.request_rate / shares))
         results = await asyncio.gather(*tasks)
-    duration = time.perf_counter() - t0
+    end = time.perf_counter()
     await client.close()
-    return results, duration
+    return results, t0, end
+
+
+def _run_share(args: argparse.Namespace, share: int, shares: int, barrier, out) -> None:
+    """Entry of one client process: its results go back as dicts through the `out` queue."""
+    try:
+        results, start, end = asyncio.run(run(args, share, shares, barrier))
+        out.put((share, [asdict(r) for r in results], start, end, None))
+    except BaseException as e:  # report instead of leaving the parent waiting
+        barrier.abort()
+        out.put((share, [], 0.0, 0.0, f"{type(e).__name__}: {e}"))
+
+
+def run_processes(args: argparse.Namespace) -> tuple[list[RequestResult], float]:
+    """The load from `args.processes` client processes (one Python process parses only so many SSE
+    chunks per second; at thousands of tokens per second a single client would be the bottleneck)."""
+    if args.processes == 1:
+        results, start, end = asyncio.run(run(args))
+        return results, end - start
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(args.processes), ctx.Queue()
+    procs = [ctx.Process(target=_run_share, args=(args, i, args.processes, barrier, out))
+             for i in range(args.processes)]
+    for pr in procs:
+        pr.start()
+    parts = [out.get() for _ in procs]
+    for pr in procs:
+        pr.join()
+    errors = [e for *_, e in parts if e]
+    if errors:
+        raise RuntimeError(f"client process failed: {errors[0]}")
+    start, end = min(p[2] for p in parts), max(p[3] for p in parts)
+    results = [RequestResult(**r) for p in sorted(parts, key=lambda p: p[0]) for r in p[1]]
+    return results, end - start
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -215,6 +259,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-eos", action="store_true", help="let requests end early on EOS")
     p.add_argument("--logprobs", action="store_true", help="one SSE chunk per token (completions only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--processes", type=int, default=1,
+                   help="client processes sharing the load (clients, rate and prompts split evenly)")
     p.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout, seconds")
     p.add_argument("--output", default=None, help="write the summary as JSON here")
     p.add_argument("--save-requests", action="store_true", help="include per-request timings in the JSON")
@@ -226,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--endpoint chat needs --prompt-kind text")
     if args.logprobs and args.endpoint == "chat":
         p.error("--logprobs is for --endpoint completions")
-    for name in ("num_requests", "prompt_tokens", "output_tokens", "vocab_size"):
+    for name in ("num_requests", "prompt_tokens", "output_tokens", "vocab_size", "processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -234,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results, duration = asyncio.run(run(args))
+    results, duration = run_processes(args)
     summary = summarize(results, duration, args)
     print_table(summary)
     if args.output:

@@ -104,6 +104,8 @@ def main() -> int:
     ap.add_argument("--model", default="xlstm-7b")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--only-prefix", action="store_true", help="only the shared-prefix TTFT comparison")
+    ap.add_argument("--client-processes", type=int, default=4,
+                    help="load generator processes for the throughput runs (one cannot parse 8k chunks/s)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,8 @@ def main() -> int:
         for c in () if args.only_prefix else (64, 256):
             result[f"concurrency_{c}"] = load(out, f"c{c}", port, "--concurrency", str(c), "--num-requests",
                                               str(max(args.requests, c)), "--prompt-tokens", "512",
-                                              "--output-tokens", "256", "--warmup", "4")
+                                              "--output-tokens", "256", "--warmup", "4", "--processes",
+                                              str(args.client_processes))
         result["ttft_shared_prefix_cache_on"] = load(out, "prefix-on", port, *prefix_args)
     finally:
         stop(srv)

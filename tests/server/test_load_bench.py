@@ -12,7 +12,10 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "load.py"
 
 
-@pytest.mark.parametrize("mode", [["--concurrency", "4"], ["--request-rate", "50", "--endpoint", "chat"]])
+@pytest.mark.parametrize("mode", [["--concurrency", "4"], ["--request-rate", "50", "--endpoint", "chat"],
+                                  ["--concurrency", "3", "--processes", "2", "--warmup", "2"],
+                                  ["--request-rate", "50", "--processes", "2"]],
+                         ids=["clients", "poisson-chat", "clients-2-processes", "poisson-2-processes"])
 def test_load_generator(server, tmp_path, mode):
     out = tmp_path / "load.json"
     r = subprocess.run([sys.executable, str(SCRIPT), "--base-url", f"{server.url}/v1", "--api-key", server.api_key,
