@@ -30,3 +30,15 @@ def test_bench_rejects_unknown_model_and_stack(tmp_path, capsys):
     assert main(["bench", "--model", "nope", "--quick", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--model", "xlstm-tiny", "--stacks", "ours,theirs", "--quick", "--out", str(tmp_path)]) == 2
     assert "unknown stack" in capsys.readouterr().err
+
+
+def test_bench_sections_run_only_what_is_asked(tmp_path, capsys):
+    assert main(["bench", "--model", "xlstm-tiny", "--quick", "--stacks", "ours", "--sections", "ttft,memory",
+                 "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench.json").read_text())["results"]["fast-xlstm"]
+    assert len(res["ttft"]) == 2 and len(res["memory"]) == 2
+    assert res["decode_batch"] == res["prefill"] == res["decode_after_prompt"] == []
+    md = (tmp_path / "bench.md").read_text()
+    assert "Time to first token" in md and "Prefill throughput" not in md
+    assert main(["bench", "--model", "xlstm-tiny", "--quick", "--sections", "ttft,speed", "--out", str(tmp_path)]) == 2
+    assert "unknown bench sections" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from ..model import XLSTMForCausalLM
 from ..model.weights import parse_dtype
 from .report import write
 from .stacks import OfficialStack, OursStack
-from .suite import SuiteSizes, run_suite
+from .suite import SECTIONS, SuiteSizes, run_suite
 from .timing import device_name
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             setattr(sizes, name, [int(x) for x in getattr(args, name).split(",")])
     if args.decode_steps:
         sizes.decode_steps = args.decode_steps
+    sections = tuple(args.sections.split(","))
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown bench sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     model = _model(args, device, dtype)
     meta = {"model": args.model, "device": device_name(model.device), "commit": _commit(), "torch": torch.__version__,
             "dtype": str(dtype).removeprefix("torch."), "state_dtype": str(state_dtype).removeprefix("torch."),
@@ -85,7 +89,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ImportError as exc:
             logger.warning("%s stack skipped: %s (install the dev extra)", stack_name, exc)
             continue
-        results[cls.name] = run_suite(lambda b, cls=cls: cls(model, max_batch=b, **opts), model, sizes, state_dtype)
+        results[cls.name] = run_suite(lambda b, cls=cls: cls(model, max_batch=b, **opts), model, sizes, state_dtype,
+                                      sections)
         gc.collect()
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -112,5 +117,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        ("memory-lengths", "generated lengths at which peak memory is read")):
         p.add_argument(f"--{name}", default=None, help=f"comma list: {what}")
     p.add_argument("--decode-steps", type=int, default=None, help="decode steps timed per point")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma list of measurements to run")
     p.add_argument("--out", default="bench/results/latest")
     p.set_defaults(func=cmd_bench)

@@ -27,6 +27,8 @@ def markdown(meta: dict, results: dict[str, dict]) -> str:
     def table(title: str, section: str, key: str, metric: str, unit: str, higher: bool,
               extra: tuple[str, str] | None = None):
         a, b = _rows(ours, section, key), _rows(ref, section, key)
+        if not a:  # a section this run skipped
+            return
         head = f"| {key} | {names[0]} {unit} |" + (f" {names[0]} {extra[1]} |" if extra else "") + \
             (f" {names[1]} {unit} | ratio |" if ref else "")
         lines.extend([f"## {title}", "", head, "|" + "---|" * (head.count("|") - 1)])
@@ -63,6 +65,8 @@ def plots(results: dict[str, dict], out_dir: Path) -> list[Path]:
              ("memory", "generated", "peak_gb", "generated tokens", "peak GPU memory (GB)")]
     files = []
     for section, x, y, xlabel, ylabel in specs:
+        if not any(res.get(section) for res in results.values()):
+            continue
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for name, res in results.items():
             rows = [r for r in res.get(section, []) if "error" not in r]

@@ -42,10 +42,14 @@ def _state_bytes(model, dtype: torch.dtype) -> int:
     return model.config.state_numel_per_sequence() * torch.empty(0, dtype=dtype).element_size()
 
 
-def run_suite(make_stack, model, sizes: SuiteSizes, state_dtype: torch.dtype) -> dict[str, list[dict]]:
-    """All measurements for one stack; `make_stack(max_batch)` builds it (sized per measurement, so
-    the batch-1 memory run holds one sequence's state, not a 256-slot pool). `model` is our model,
-    for sizes and roofline counts."""
+SECTIONS = ("ttft", "decode_after_prompt", "decode_batch", "prefill", "memory")
+
+
+def run_suite(make_stack, model, sizes: SuiteSizes, state_dtype: torch.dtype,
+              sections: tuple[str, ...] = SECTIONS) -> dict[str, list[dict]]:
+    """The measurements in `sections` for one stack; `make_stack(max_batch)` builds it (sized per
+    measurement, so the batch-1 memory run holds one sequence's state, not a 256-slot pool).
+    `model` is our model, for sizes and roofline counts."""
     dev, vocab = model.device, model.config.vocab_size
     wbytes, mparams = weight_bytes(model), matmul_params(model)
     sbytes = _state_bytes(model, state_dtype)
@@ -53,7 +57,7 @@ def run_suite(make_stack, model, sizes: SuiteSizes, state_dtype: torch.dtype) ->
                                   "memory": []}
     stack = make_stack(max(sizes.decode_batches + [b for b, _ in sizes.prefill_shapes]))
 
-    for p in sizes.ttft_prompts:
+    for p in sizes.ttft_prompts if "ttft" in sections else ():
         ids = _ids((1, p), vocab, dev, seed=p)
         t = wall(lambda: stack.prefill(ids), dev, warmup=1, repeat=3)
         out["ttft"].append({"prompt": p, "ms": 1e3 * t, "prefill_tok_s": p / t,
@@ -61,14 +65,14 @@ def run_suite(make_stack, model, sizes: SuiteSizes, state_dtype: torch.dtype) ->
         logger.info("%s ttft %d: %.1f ms", stack.name, p, 1e3 * t)
 
     steps = sizes.decode_steps
-    for p in sizes.decode_prompts:
+    for p in sizes.decode_prompts if "decode_after_prompt" in sections else ():
         stack.prefill(_ids((1, p), vocab, dev, seed=p))
         stack.decode(1, 2)  # capture/warm
         t = wall(lambda: stack.decode(1, steps), dev, warmup=0, repeat=3)
         out["decode_after_prompt"].append({"prompt": p, "tok_s": steps / t, "ms_per_token": 1e3 * t / steps,
                                            "gb_s": (wbytes + 2 * sbytes) * steps / t / 1e9})
 
-    for b in sizes.decode_batches:
+    for b in sizes.decode_batches if "decode_batch" in sections else ():
         stack.prefill(_ids((b, 128), vocab, dev, seed=b))
         stack.decode(b, 2)
         t = wall(lambda: stack.decode(b, steps), dev, warmup=0, repeat=3)
@@ -76,7 +80,7 @@ def run_suite(make_stack, model, sizes: SuiteSizes, state_dtype: torch.dtype) ->
                                     "gb_s": (wbytes + 2 * b * sbytes) * steps / t / 1e9})
         logger.info("%s decode batch %d: %.0f tok/s", stack.name, b, b * steps / t)
 
-    for b, ctx in sizes.prefill_shapes:
+    for b, ctx in sizes.prefill_shapes if "prefill" in sections else ():
         ids = _ids((b, ctx), vocab, dev, seed=ctx)
         try:
             t = wall(lambda: stack.forward_tokens(ids), dev, warmup=1, repeat=2)
@@ -88,6 +92,8 @@ def run_suite(make_stack, model, sizes: SuiteSizes, state_dtype: torch.dtype) ->
         out["prefill"].append({"batch": b, "context": ctx, "tok_s": b * ctx / t, "ms": 1e3 * t,
                                "tflops": 2 * mparams * b * ctx / t / 1e12})
 
+    if "memory" not in sections:
+        return out
     # Peak memory while generating from the BOS token, at growing generated lengths (one run).
     del stack
     gc.collect()

@@ -29,7 +29,13 @@ def wall(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, rep
 
 
 def reset_peak(device: torch.device) -> None:
+    """Frees what earlier measurements left behind, then restarts the peak counter."""
     if device.type == "cuda":
+        # cuBLAS keeps a workspace per (handle, stream) in torch's allocator; streams of earlier
+        # stacks (graph warm-up and capture) would otherwise count toward the next peak.
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            clear()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
