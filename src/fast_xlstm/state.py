@@ -86,6 +86,10 @@ class StatePool:
     update in place; a request holds one row (slot) for its whole life. Admission is by slot, not
     by page: every sequence needs the same bytes whatever its length. Which slot is free is the
     scheduler's business (pure Python); this class only holds the tensors.
+
+    The blocks' tensors are views of three stacked tensors (C [L, P, NH, DK, DV], n, m), so resetting,
+    reading or writing slots is three kernels, not three per block: those run on the host's clock
+    before every prefill (7B: 96 launches saved per admitted request).
     """
 
     def __init__(self, config: XLSTMConfig, num_slots: int, *, dtype: torch.dtype = torch.float32,
@@ -93,30 +97,41 @@ class StatePool:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.num_slots = num_slots
-        self.layers: ModelState = init_state(config, num_slots, dtype=dtype, device=device)
+        L, nh, dk, dv = config.num_blocks, config.num_heads, config.qk_head_dim, config.v_head_dim
+        self.stacked = (torch.zeros(L, num_slots, nh, dk, dv, dtype=dtype, device=device),
+                        torch.zeros(L, num_slots, nh, dk, dtype=dtype, device=device),
+                        torch.zeros(L, num_slots, nh, 1, dtype=dtype, device=device))
+        self.layers: ModelState = _unstack(self.stacked)
 
     @property
     def nbytes(self) -> int:
         return state_nbytes(self.layers)
 
     def _index(self, slots: list[int] | torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(slots, dtype=torch.long, device=self.layers[0][0].device)
+        return torch.as_tensor(slots, dtype=torch.long, device=self.stacked[0].device)
 
     def reset(self, slots: list[int] | torch.Tensor) -> None:
         """Sets rows `slots` to the empty state (where every document starts)."""
         idx = self._index(slots)
-        for layer in self.layers:
-            for t in layer:
-                t.index_fill_(0, idx, 0)
+        for t in self.stacked:
+            t.index_fill_(1, idx, 0)
 
     def read(self, slots: list[int] | torch.Tensor) -> ModelState:
         """A copy of the rows `slots` (e.g. to prefill from, snapshot or fork a sequence)."""
-        return select_state(self.layers, self._index(slots))
+        idx = self._index(slots)
+        return _unstack(tuple(t.index_select(1, idx) for t in self.stacked))
 
     def write(self, slots: list[int] | torch.Tensor, state: ModelState) -> None:
         """Copies `state` (len(slots) sequences) into the rows `slots`."""
         idx = self._index(slots)
-        for pool_layer, layer in zip(self.layers, state):
-            for pool_t, t in zip(pool_layer, layer):
-                # (a snapshot may come from the host tier of a cache: move it as well as cast it)
-                pool_t.index_copy_(0, idx, t.to(device=pool_t.device, dtype=pool_t.dtype, non_blocking=True))
+        for j, pool_t in enumerate(self.stacked):
+            # Stacked where the state lives (a snapshot may come from the host tier of a cache),
+            # then moved and cast in one copy.
+            new = torch.stack([layer[j] for layer in state])
+            pool_t.index_copy_(1, idx, new.to(device=pool_t.device, dtype=pool_t.dtype, non_blocking=True))
+
+
+def _unstack(stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> ModelState:
+    """Per-block (C, n, m) views of stacked [L, N, ...] tensors."""
+    C, n, m = stacked
+    return [(C[b], n[b], m[b]) for b in range(C.shape[0])]
