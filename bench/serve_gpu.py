@@ -63,12 +63,13 @@ def load(out: Path, name: str, port: int, *args: str) -> dict:
     """Runs bench/load.py; adds what the engine did meanwhile (`engine`: steps and seconds busy,
     from /metrics, warm-up requests included) next to the client's wall time."""
     path = out / f"load-{name}.json"
-    before = engine_gauges(port)
+    before, start = engine_gauges(port), time.time()
     subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--base-url", f"http://127.0.0.1:{port}/v1",
                     "--vocab-size", "50304", "--output", str(path), *args], check=True)
     after = engine_gauges(port)
     result = json.loads(path.read_text())
     result["engine"] = {k: after[k] - before.get(k, 0.0) for k in after}
+    result["window_unix_s"] = [start, time.time()]  # to find this load's lines in the server's step log
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -104,6 +105,7 @@ def main() -> int:
     ap.add_argument("--model", default="xlstm-7b")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--only-prefix", action="store_true", help="only the shared-prefix TTFT comparison")
+    ap.add_argument("--skip-prefix", action="store_true", help="only the throughput runs")
     ap.add_argument("--client-processes", type=int, default=4,
                     help="load generator processes for the throughput runs (one cannot parse 8k chunks/s)")
     args = ap.parse_args()
@@ -117,21 +119,23 @@ def main() -> int:
 
     port = 8123
     srv = start_server(out, "cache-on", port, args.model, "--max-num-seqs", "64" if args.only_prefix else "256",
-                       "--compile")
+                       "--compile", "--step-log", str(out / "steps-cache-on.jsonl"))
     try:
         for c in () if args.only_prefix else (64, 256):
             result[f"concurrency_{c}"] = load(out, f"c{c}", port, "--concurrency", str(c), "--num-requests",
                                               str(max(args.requests, c)), "--prompt-tokens", "512",
                                               "--output-tokens", "256", "--warmup", "4", "--processes",
                                               str(args.client_processes))
-        result["ttft_shared_prefix_cache_on"] = load(out, "prefix-on", port, *prefix_args)
+        if not args.skip_prefix:
+            result["ttft_shared_prefix_cache_on"] = load(out, "prefix-on", port, *prefix_args)
     finally:
         stop(srv)
-    srv = start_server(out, "cache-off", port, args.model, "--max-num-seqs", "8", "--no-prefix-cache", "--compile")
-    try:
-        result["ttft_shared_prefix_cache_off"] = load(out, "prefix-off", port, *prefix_args)
-    finally:
-        stop(srv)
+    if not args.skip_prefix:
+        srv = start_server(out, "cache-off", port, args.model, "--max-num-seqs", "8", "--no-prefix-cache", "--compile")
+        try:
+            result["ttft_shared_prefix_cache_off"] = load(out, "prefix-off", port, *prefix_args)
+        finally:
+            stop(srv)
     static, whole = ({}, {}) if args.only_prefix else static_decode(args.model, [64, 256])
     result["static_decode_tok_s"] = static
     result["static_batch_with_prefill_tok_s"] = whole
@@ -140,9 +144,10 @@ def main() -> int:
         tput = served["output_throughput_tok_s"]
         result[f"ratio_served_to_static_{c}"] = tput / static[c] if tput else None
         result[f"ratio_served_to_static_batch_with_prefill_{c}"] = tput / whole[c] if tput else None
-    on = result["ttft_shared_prefix_cache_on"]["ttft_ms"]["p50"]
-    off = result["ttft_shared_prefix_cache_off"]["ttft_ms"]["p50"]
-    result["ttft_p50_ratio_off_over_on"] = off / on
+    if not args.skip_prefix:
+        on = result["ttft_shared_prefix_cache_on"]["ttft_ms"]["p50"]
+        off = result["ttft_shared_prefix_cache_off"]["ttft_ms"]["p50"]
+        result["ttft_p50_ratio_off_over_on"] = off / on
     (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict) or k.startswith("static")},
                      indent=2))

@@ -4,6 +4,8 @@ pressure and chunked prefill, teacher-forced decode through the runner equals a 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -148,3 +150,15 @@ def test_prefill_in_state_bounded_groups_equals_one_group(llm):
         runner.prefill_state_bytes = saved
     ref = generate(llm.model, llm.tokenizer, PROMPTS, SamplingParams(temperature=0, max_tokens=5))
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+
+
+def test_step_log_records_every_step(tmp_path):
+    log = tmp_path / "steps.jsonl"
+    llm = LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=2, max_num_batched_tokens=8, step_log=log)
+    outs = llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == llm.engine.stats["steps"]
+    assert sum(r["prefill_tokens"] for r in rows) == sum(len(o.prompt_token_ids) for o in outs)
+    assert sum(r["admitted"] for r in rows) == 3 and max(r["running"] for r in rows) == 2
+    assert all(r["prefill_tokens"] + r["decode"] <= 8 or r["prefill_seqs"] == 1 for r in rows)  # the step budget
+    assert all(r["ms"] > 0 for r in rows) and rows[-1]["running"] == rows[-1]["waiting"] == 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -16,7 +18,7 @@ from ..model import XLSTMForCausalLM
 from ..tokenizer import Tokenizer
 from .request import Request, RequestStatus
 from .runner import DecodeMode, ModelRunner, StepResult
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 from .state_cache import Session, StateCache, prefix_keys
 
 
@@ -55,8 +57,12 @@ class LLMEngine:
                  use_cuda_graph: bool | None = None, compile_decode: bool = False, compile_prefill: bool = False,
                  max_graph_prefill_tokens: int = 2048, enable_prefix_cache: bool = True, prefix_block: int = 512,
                  cache_device_bytes: int = 4 << 30, cache_host_bytes: int = 16 << 30,
-                 max_sessions_device_bytes: int = 4 << 30, max_sessions_host_bytes: int = 16 << 30):
+                 max_sessions_device_bytes: int = 4 << 30, max_sessions_host_bytes: int = 16 << 30,
+                 step_log: str | Path | None = None):
+        """step_log: a file that gets one JSON line per step (wall time, milliseconds, decode rows,
+        prefill sequences and tokens, requests admitted, running and waiting): how a load unfolds."""
         self.model, self.tokenizer = model, tokenizer
+        self.step_log = None if step_log is None else open(step_log, "a", buffering=1)
         self.runner = ModelRunner(model, num_slots=max_num_seqs, state_dtype=state_dtype,
                                   use_cuda_graph=use_cuda_graph, compile_decode=compile_decode,
                                   compile_prefill=compile_prefill, max_graph_prefill_tokens=max_graph_prefill_tokens)
@@ -149,13 +155,20 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         t_step = time.perf_counter()
-        outputs = self._step()
+        sched = self.scheduler.schedule()
+        outputs = self._run(sched)
+        seconds = time.perf_counter() - t_step
         self.stats["steps"] += 1
-        self.stats["step_time"] += time.perf_counter() - t_step
+        self.stats["step_time"] += seconds
+        if self.step_log is not None:
+            self.step_log.write(json.dumps({
+                "time": time.time(), "ms": round(1e3 * seconds, 3), "decode": len(sched.decode),
+                "prefill_seqs": len(sched.prefill), "prefill_tokens": sum(c.end - c.start for c in sched.prefill),
+                "admitted": len(sched.newly_admitted), "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting)}) + "\n")
         return outputs
 
-    def _step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+    def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
         emitted: dict[str, RequestOutput] = {}
         # Decode first: the requests that were running before this step's prefill.
         if sched.decode:

@@ -16,8 +16,10 @@ eagerly, where the GPU is the bottleneck anyway.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +29,9 @@ from ..generation.sampling import (apply_penalties, counter_exponential_noise, p
                                    token_logprobs)
 from ..model import ModelState, XLSTMForCausalLM
 from ..state import StatePool
+
+if TYPE_CHECKING:  # the Triton package is imported only where the kernels can run
+    from ..ops.triton import PackedLayout
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +85,7 @@ class _PlannedPrefill:
     """One (sequences, tokens) bucket of the device-table prefill: its static input buffer
     (int64: tokens [T] | pool rows [N] | last positions [N] | kernel tables) and its graph."""
 
-    layout: object  # ops.triton.PackedLayout
+    layout: "PackedLayout"
     buf: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
 
@@ -210,7 +215,7 @@ class ModelRunner:
         self.pool.write(slots, state)
         return logits
 
-    def _planned_layout(self, lengths: list[int]):
+    def _planned_layout(self, lengths: list[int]) -> "PackedLayout | None":
         """The smallest planned-prefill bucket that holds pieces of these lengths, or None."""
         total = sum(lengths)
         if not self.planned_prefill or len(lengths) > PREFILL_GRAPH_SEQS[-1] or min(lengths) < 1:
@@ -221,7 +226,7 @@ class ModelRunner:
         seqs = next(n for n in PREFILL_GRAPH_SEQS if n >= len(lengths))
         return ops.triton_module().PackedLayout(seqs, tokens, self.model.config.chunk_size)
 
-    def _prefill_planned(self, layout, slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
+    def _prefill_planned(self, layout: "PackedLayout", slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
         """Prefill through the device-table path: fill the bucket's buffer, replay (or run and
         capture) its graph. Returns logits [len(slots), V] at the pieces' last positions."""
         tri = ops.triton_module()
@@ -233,9 +238,7 @@ class ModelRunner:
                 layout, torch.zeros(T + 2 * N + layout.size, dtype=torch.long, device=self.device))
         if self.prefill_logits is None:
             self.prefill_logits = torch.zeros(PREFILL_GRAPH_SEQS[-1], self.vocab, device=self.device)
-        offsets = [0]
-        for p in pieces:
-            offsets.append(offsets[-1] + len(p))
+        offsets = [0, *itertools.accumulate(len(p) for p in pieces)]
         ids = [t for p in pieces for t in p]
         vals = (ids + [0] * (T - len(ids)) + tri.padded_rows(layout, offsets, slots)
                 + tri.padded_rows(layout, offsets, [o - 1 for o in offsets[1:]]) + tri.plan_values(layout, offsets))

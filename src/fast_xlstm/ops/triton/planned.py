@@ -65,7 +65,7 @@ def plan_values(layout: PackedLayout, offsets: list[int]) -> list[int]:
     chunk_off = [sum(ncs[:r]) for r in range(N)]
     chunk_seq = [r for r in range(N) for _ in range(ncs[r])]
     chunk_j = [j for r in range(N) for j in range(ncs[r])]
-    dup = min(range(N), key=lambda r: lens[r])
+    dup = _shortest(offsets)
     pad = layout.max_seqs - N
     base = offsets[:-1] + [offsets[dup]] * pad
     lens = lens + [lens[dup]] * pad
@@ -76,9 +76,12 @@ def plan_values(layout: PackedLayout, offsets: list[int]) -> list[int]:
 
 def padded_rows(layout: PackedLayout, offsets: list[int], rows: list[int]) -> list[int]:
     """Per-sequence values (state rows, last positions ...) padded the way `plan_values` pads sequences."""
-    N = len(offsets) - 1
-    dup = min(range(N), key=lambda r: offsets[r + 1] - offsets[r])
-    return list(rows) + [rows[dup]] * (layout.max_seqs - N)
+    return list(rows) + [rows[_shortest(offsets)]] * (layout.max_seqs - (len(offsets) - 1))
+
+
+def _shortest(offsets: list[int]) -> int:
+    """The sequence that padding sequences repeat: the shortest (the least repeated work)."""
+    return min(range(len(offsets) - 1), key=lambda r: offsets[r + 1] - offsets[r])
 
 
 @dataclass(frozen=True)
