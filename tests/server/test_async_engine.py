@@ -10,7 +10,7 @@ import pytest
 
 from fast_xlstm import LLM, SamplingParams
 from fast_xlstm.server.async_engine import AsyncEngine
-from fast_xlstm.server.stream import EngineDeadError, SubRequest
+from fast_xlstm.server.stream import Delta, EngineDeadError, RequestStream, SubRequest
 
 
 @pytest.fixture
@@ -88,3 +88,46 @@ def test_a_failing_engine_fails_its_streams(llm, monkeypatch):
         await front.stop()
 
     _run(main())
+
+
+def _delta(index, text, tok, lp=None, finish=None, n=1):
+    return Delta(index=index, text=text, token_ids=[tok], logprobs=None if lp is None else [lp],
+                 top_logprobs=None if lp is None else [{tok: lp}], finish_reason=finish, stop_reason=None,
+                 prompt_tokens=3, cached_tokens=0, num_generated=n)
+
+
+def test_waiting_deltas_of_a_choice_come_out_merged():
+    async def main():
+        stream = RequestStream(["a", "a:1"])
+        for d in (_delta(0, "He", 1, -0.5, n=1), _delta(0, "llo", 2, -0.25, n=2), _delta(1, "x", 7, n=1),
+                  _delta(1, "y", 8, n=2, finish="length"), _delta(1, "z", 9, n=3), _delta(0, "!", 3, -1.0, n=3)):
+            stream._put(d)
+        first = await stream.__anext__()  # two deltas of choice 0, stops at choice 1's
+        second = await stream.__anext__()  # choice 1 up to its finished delta, not past it
+        third = await stream.__anext__()
+        stream._put(_delta(0, "?", 4, -2.0, n=4, finish="stop"))
+        stream._put(EngineDeadError("gone"))
+        fourth = await stream.__anext__()
+        return first, second, third, fourth
+
+    first, second, third, fourth = _run(main())
+    assert (first.index, first.text, first.token_ids, first.logprobs, first.num_generated) == \
+        (0, "Hello", [1, 2], [-0.5, -0.25], 2)
+    assert first.top_logprobs == [{1: -0.5}, {2: -0.25}] and not first.finished
+    assert (second.index, second.text, second.token_ids, second.finish_reason, second.logprobs) == \
+        (1, "xy", [7, 8], "length", None)
+    assert (third.index, third.text) == (1, "z")  # (a delta past a finish only happens in this test)
+    assert (fourth.text, fourth.token_ids, fourth.finish_reason) == ("!?", [3, 4], "stop")
+
+
+def test_an_error_after_deltas_still_ends_the_stream():
+    async def main():
+        stream = RequestStream(["a"])
+        stream._put(_delta(0, "a", 1))
+        stream._put(EngineDeadError("engine failed"))
+        got = [await stream.__anext__()]
+        with pytest.raises(EngineDeadError):
+            await stream.__anext__()
+        return got
+
+    assert _run(main())[0].text == "a"

@@ -47,16 +47,30 @@ class Delta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def then(self, later: "Delta") -> "Delta":
+        """This delta followed by `later` (same choice) as one delta."""
+        def cat(a: list | None, b: list | None) -> list | None:
+            return None if a is None and b is None else (a or []) + (b or [])
+        return Delta(index=self.index, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
+                     logprobs=cat(self.logprobs, later.logprobs), top_logprobs=cat(self.top_logprobs, later.top_logprobs),
+                     finish_reason=later.finish_reason, stop_reason=later.stop_reason,
+                     prompt_tokens=later.prompt_tokens, cached_tokens=later.cached_tokens,
+                     num_generated=later.num_generated)
+
 
 class RequestStream:
     """The deltas of one API request's engine requests, as an async iterator of `Delta`.
 
     Ends when every choice has finished; raises `EngineDeadError` if the engine fails meanwhile.
+    Deltas of one choice that are already waiting when the consumer asks for the next one come out
+    merged: a client (or an event loop) that falls behind gets fewer, larger chunks instead of a
+    growing backlog of one-token chunks, each of which costs the event loop a full serialisation.
     """
 
     def __init__(self, request_ids: list[str]):
         self.request_ids = request_ids
         self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        self._held: Delta | BaseException | None = None  # taken from the queue, not mergeable: next out
         self._open = len(request_ids)
 
     @property
@@ -72,7 +86,17 @@ class RequestStream:
     async def __anext__(self) -> Delta:
         if self._open == 0:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self._queue.get()
+        while isinstance(item, Delta) and not item.finished and not self._queue.empty():
+            later = self._queue.get_nowait()
+            if isinstance(later, Delta) and later.index == item.index:
+                item = item.then(later)
+            else:
+                self._held = later
+                break
         if isinstance(item, BaseException):
             self._open = 0
             raise item
