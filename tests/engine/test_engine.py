@@ -19,10 +19,12 @@ PROMPTS = ["Once upon a time", "The river", "A", "Über die Brücke ging 🐟 de
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(scope="module")
-def llm():
-    # 3 slots for 7 prompts and an 8-token step budget: queueing and chunked prefill on every run.
-    return LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=3, max_num_batched_tokens=8)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async-scheduling"])
+def llm(request):
+    # 3 slots for 7 prompts and an 8-token step budget: queueing and chunked prefill on every run;
+    # with async scheduling each step's decode is launched before the previous one is read.
+    return LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=3, max_num_batched_tokens=8,
+               async_scheduling=request.param)
 
 
 @pytest.mark.parametrize("params", [

@@ -76,6 +76,33 @@ def test_session_resumes_and_matches_a_full_prefill(models):
     assert out2.output.token_ids == ref.token_ids
 
 
+def test_async_scheduling_sessions_and_prefix_cache_match_plain(models):
+    """With each decode launched before the previous one is read, a finished request's kept state
+    has consumed its last token too (the launched step fed it): the session says so, and the
+    next turn still equals a full prefill; prefix-cached outputs equal plain ones."""
+    _, plain = models
+    llm = LLM("xlstm-tiny", device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=64,
+              prefix_block=8, async_scheduling=True)
+    eng = llm.engine
+    first = llm.tokenizer.encode("User: tell me a story\nAssistant:")
+    rid = eng.add_request(first, GREEDY, session_id="s1")
+    other = eng.add_request(llm.tokenizer.encode("Another request, to keep the batch busy"),
+                            SamplingParams(temperature=0, max_tokens=20))
+    done = _drain(eng)
+    out1 = done[rid]
+    assert len(done[other].output.token_ids) == 20
+    assert eng.get_session("s1").tokens == first + out1.output.token_ids
+    turn2 = first + out1.output.token_ids + llm.tokenizer.encode("\nUser: and then?\nAssistant:", add_bos=False)
+    rid2 = eng.add_request(turn2, GREEDY, session_id="s1")
+    out2 = _drain(eng)[rid2]
+    assert out2.num_cached_tokens == len(first) + len(out1.output.token_ids)
+    assert out2.output.token_ids == plain.generate([turn2], GREEDY, use_tqdm=False)[0].token_ids
+    prompts = ["You are a careful assistant, answer briefly. " * 2 + q for q in ("Why?", "How?", "Who?")]
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == \
+        [o.token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
+    assert not eng.has_unfinished_requests()
+
+
 def test_evicted_session_falls_back_to_full_prefill():
     llm = LLM("xlstm-tiny", device="cpu", dtype="float32", max_num_seqs=2, enable_prefix_cache=False,
               max_sessions_device_bytes=0, max_sessions_host_bytes=0)

@@ -13,9 +13,9 @@ from fast_xlstm.server.async_engine import AsyncEngine
 from fast_xlstm.server.stream import Delta, EngineDeadError, RequestStream, SubRequest
 
 
-@pytest.fixture
-def llm() -> LLM:
-    return LLM("xlstm-tiny", device="cpu", max_num_seqs=2)
+@pytest.fixture(params=[False, True], ids=["sync", "async-scheduling"])
+def llm(request) -> LLM:
+    return LLM("xlstm-tiny", device="cpu", max_num_seqs=2, async_scheduling=request.param)
 
 
 def _run(coro):

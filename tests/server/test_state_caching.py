@@ -38,3 +38,36 @@ def test_prefix_cache_and_sessions(start_server, ref):
     metrics = cached.metrics()
     hit = [v for k, v in metrics.items() if "prefix_cache_hit" in k or "cached" in k]
     assert hit and max(hit) > 0
+
+
+def test_async_scheduling_server_streams_and_sessions_equal_offline(start_server, ref):
+    """A server whose engine launches each decode before reading the previous one: 24 concurrent
+    streams on 6 slots equal their offline results, and a session's second turn still does."""
+    import asyncio
+
+    srv = start_server("--async-scheduling", "--max-num-batched-tokens", "48", slots=6)
+    prompts = [[0] + [(13 * i + 7 * j) % 900 + 5 for j in range(3 + i % 11)] for i in range(24)]
+    lengths = [3 + i % 7 for i in range(24)]
+
+    async def one(client, i):
+        text = ""
+        async for c in await client.completions.create(model="xlstm-tiny", prompt=prompts[i], max_tokens=lengths[i],
+                                                        temperature=0, stream=True):
+            text += c.choices[0].text
+        return text
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client:
+            return await asyncio.gather(*[one(client, i) for i in range(24)])
+
+    texts = asyncio.run(main())
+    assert texts == [ref([p], max_tokens=n, temperature=0)[0].text for p, n in zip(prompts, lengths)]
+    kw = dict(model="xlstm-tiny", max_tokens=6, temperature=0)
+    with _client(srv) as c:
+        turn1 = [0, 40, 41, 42, 43]
+        r1 = c.completions.create(prompt=turn1, extra_body={"session_id": "s"}, **kw)
+        turn2 = turn1 + ref([turn1], **{k: v for k, v in kw.items() if k != "model"})[0].token_ids + [50, 51]
+        r2 = c.completions.create(prompt=turn2, extra_body={"session_id": "s"}, **kw)
+    assert r1.choices[0].text == ref([turn1], max_tokens=6, temperature=0)[0].text
+    assert r2.usage.prompt_tokens_details.cached_tokens == len(turn2) - 2
+    assert r2.choices[0].text == ref([turn2], max_tokens=6, temperature=0)[0].text

@@ -17,7 +17,7 @@ from ..generation.tracker import GenerationOutput, RequestTracker, stop_token_id
 from ..model import XLSTMForCausalLM
 from ..tokenizer import Tokenizer
 from .request import Request, RequestStatus
-from .runner import DecodeMode, ModelRunner, StepResult
+from .runner import DecodeMode, ModelRunner, PendingDecode, StepResult
 from .scheduler import Scheduler, SchedulerOutput
 from .state_cache import Session, StateCache, prefix_keys
 
@@ -58,11 +58,19 @@ class LLMEngine:
                  max_graph_prefill_tokens: int = 2048, enable_prefix_cache: bool = True, prefix_block: int = 512,
                  cache_device_bytes: int = 4 << 30, cache_host_bytes: int = 16 << 30,
                  max_sessions_device_bytes: int = 4 << 30, max_sessions_host_bytes: int = 16 << 30,
-                 step_log: str | Path | None = None):
+                 step_log: str | Path | None = None, async_scheduling: bool = False):
         """step_log: a file that gets one JSON line per step (wall time, milliseconds, decode rows,
-        prefill sequences and tokens, requests admitted, running and waiting): how a load unfolds."""
+        prefill sequences and tokens, requests admitted, running and waiting): how a load unfolds.
+
+        async_scheduling: each step launches its decode before reading the previous step's tokens,
+        so the host's per-token work (detokenizing, stop checks, streaming) overlaps the device's
+        next step instead of leaving it idle. A request that finishes is seen one step late: the
+        step already launched computes one token for it that is dropped.
+        """
         self.model, self.tokenizer = model, tokenizer
         self.step_log = None if step_log is None else open(step_log, "a", buffering=1)
+        self.async_scheduling = async_scheduling
+        self._inflight: tuple[list[Request], PendingDecode] | None = None  # launched, not yet read
         self.runner = ModelRunner(model, num_slots=max_num_seqs, state_dtype=state_dtype,
                                   use_cuda_graph=use_cuda_graph, compile_decode=compile_decode,
                                   compile_prefill=compile_prefill, max_graph_prefill_tokens=max_graph_prefill_tokens)
@@ -122,7 +130,9 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        # (a launched step whose requests have all finished need not be read: nothing comes of it)
+        return self.scheduler.has_unfinished() or (
+            self._inflight is not None and not all(r.finished for r in self._inflight[0]))
 
     def get_session(self, session_id: str) -> Session | None:
         """What a session's kept state has consumed (None if unknown or evicted)."""
@@ -171,7 +181,9 @@ class LLMEngine:
     def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
         emitted: dict[str, RequestOutput] = {}
         # Decode first: the requests that were running before this step's prefill.
-        if sched.decode:
+        if self.async_scheduling:
+            self._decode_overlapped(sched.decode, emitted)
+        elif sched.decode:
             t0 = time.perf_counter()
             params = [r.params for r in sched.decode]
             result = self.runner.decode([r.slot for r in sched.decode], DecodeMode.of(params))
@@ -195,6 +207,23 @@ class LLMEngine:
             self._fork(done, result, emitted)  # before the parents' first tokens can finish them
             self._accept(done, result, emitted)
         return list(emitted.values())
+
+    def _decode_overlapped(self, reqs: list[Request], emitted: dict[str, RequestOutput]) -> None:
+        """Launches this step's decode, then reads and reports the previous step's while it runs."""
+        t0 = time.perf_counter()
+        launched = None
+        if reqs:
+            mode = DecodeMode.of([r.params for r in reqs])
+            launched = (reqs, self.runner.decode_launch([r.slot for r in reqs], mode))
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            prev_reqs, pending = previous
+            result = self.runner.decode_collect(pending)
+            # Requests in the step just launched will have fed their last sampled token to the state
+            # by the time a snapshot (queued after that step) is taken.
+            consumed = {id(r) for r in reqs}
+            self._accept(prev_reqs, result, emitted, skip_finished=True, consumed_last=consumed)
+        self.stats["decode_time"] += time.perf_counter() - t0
 
     def _fork(self, parents: list[Request], result: StepResult, emitted: dict[str, RequestOutput]) -> None:
         """Copies each parent's prompt state into its siblings' slots; each samples its first token
@@ -221,8 +250,14 @@ class LLMEngine:
         if key not in self.prefix_cache:
             self.prefix_cache.put(key, self.runner.snapshot(req.slot))
 
-    def _accept(self, reqs: list[Request], result: StepResult, emitted: dict[str, RequestOutput]) -> None:
+    def _accept(self, reqs: list[Request], result: StepResult, emitted: dict[str, RequestOutput], *,
+                skip_finished: bool = False, consumed_last: set[int] = frozenset()) -> None:
+        """Hands each request its sampled token. skip_finished: drop rows of requests that finished
+        or were aborted since the step was launched; consumed_last: ids of requests whose state
+        will also have consumed the token sampled here (an overlapped step is already running)."""
         for row, (req, tok) in enumerate(zip(reqs, result.tokens)):
+            if skip_finished and req.finished:
+                continue
             tr = req.tracker
             if result.logprobs is not None and req.params.logprobs is not None:
                 tr.add_logprobs(result.logprobs[row], result.top_vals[row], result.top_ids[row])
@@ -231,8 +266,9 @@ class LLMEngine:
             finished = tr.out.finish_reason is not None
             if finished:
                 if req.session_id is not None:  # the state has consumed the prompt and all but the last token
+                    out = tr.out.token_ids if id(req) in consumed_last else tr.out.token_ids[:-1]
                     self.sessions.put(req.session_id, self.runner.snapshot(req.slot),
-                                      Session(req.prompt_token_ids + tr.out.token_ids[:-1]))
+                                      Session(req.prompt_token_ids + out))
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
             emitted[req.request_id] = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, text, [tok],

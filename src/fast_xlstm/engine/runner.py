@@ -91,6 +91,16 @@ class _PlannedPrefill:
 
 
 @dataclass
+class PendingDecode:
+    """A launched decode step: host copies of its outputs (tokens, then logprobs, top values and
+    ids when asked), filled once `event` has passed (None: already there)."""
+
+    host: list[torch.Tensor]
+    logits: torch.Tensor | None
+    event: torch.cuda.Event | None
+
+
+@dataclass
 class StepResult:
     """Per batch row: sampled token, and (when asked) its logprob and the top alternatives."""
 
@@ -337,6 +347,14 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, slots: list[int], mode: DecodeMode) -> StepResult:
         """One token for each request in `slots` (fed its last token), sampled in-device."""
+        return self.decode_collect(self.decode_launch(slots, mode))
+
+    @torch.inference_mode()
+    def decode_launch(self, slots: list[int], mode: DecodeMode) -> "PendingDecode":
+        """Queues one decode step and the copy of its results to the host, without waiting for
+        either; `decode_collect` waits. Steps queue in order on the device, and each feeds the
+        token the previous one sampled (kept on the device), so the next step can be launched
+        before the host has seen this one's tokens."""
         n = len(slots)
         b = self.bucket_for(n)
         if mode.logits and self.out_logits is None:
@@ -348,12 +366,25 @@ class ModelRunner:
             graph.replay()
         else:
             self._decode_body(self.slot_buf[:b], mode)
-        tokens = self.out_tokens[:n].tolist()  # the step's one host sync
+        # The next step overwrites the output buffers: copy this step's rows out now (in stream order).
+        pinned = self.device.type == "cuda"
+        outs = [self.out_tokens] + ([self.out_lp, self.out_top_vals, self.out_top_ids] if mode.logprobs else [])
+        host = [torch.empty(t[:n].shape, dtype=t.dtype, pin_memory=pinned) for t in outs]
+        for h, t in zip(host, outs):
+            h.copy_(t[:n], non_blocking=pinned)
+        event = None
+        if pinned:
+            event = torch.cuda.Event()
+            event.record()
         logits = self.out_logits[:n].clone() if mode.logits else None
-        if not mode.logprobs:
-            return StepResult(tokens, logits)
-        return StepResult(tokens, logits, self.out_lp[:n].tolist(), self.out_top_vals[:n].tolist(),
-                          self.out_top_ids[:n].tolist())
+        return PendingDecode(host, logits, event)
+
+    def decode_collect(self, pending: "PendingDecode") -> StepResult:
+        """Waits for a launched step's results (the step's one host sync) and returns them."""
+        if pending.event is not None:
+            pending.event.synchronize()
+        tokens, *lp = (h.tolist() for h in pending.host)
+        return StepResult(tokens, pending.logits, *lp)
 
     def set_last_tokens(self, slots: list[int], tokens: list[int]) -> None:
         """Overrides the token each slot feeds next (teacher forcing in tests)."""

@@ -33,7 +33,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               cache_device_bytes=int(args.prefix_cache_gb * 2**30),
               cache_host_bytes=int(args.prefix_cache_host_gb * 2**30),
               max_sessions_device_bytes=int(args.session_cache_gb * 2**30),
-              max_sessions_host_bytes=int(args.session_cache_host_gb * 2**30), step_log=args.step_log)
+              max_sessions_host_bytes=int(args.session_cache_host_gb * 2**30), step_log=args.step_log,
+              async_scheduling=args.async_scheduling)
     print(f"[fast-xlstm] serving {llm.source} as {', '.join(config.model_names)} on http://{args.host}:{args.port} "
           f"({llm.model.device}, {args.max_num_seqs} state slots)", file=sys.stderr, flush=True)
     app = create_app(llm.engine, llm.tokenizer, config)
@@ -76,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--session-cache-host-gb", type=float, default=16.0, help="... and spilled to host memory")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may finish after SIGINT/SIGTERM before they are aborted")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="launch each decode step before reading the previous one's tokens (host work overlaps the GPU)")
     p.add_argument("--step-log", default=None, metavar="FILE",
                    help="append one JSON line per engine step (timing and batch composition) to FILE")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
