@@ -347,7 +347,14 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, slots: list[int], mode: DecodeMode) -> StepResult:
         """One token for each request in `slots` (fed its last token), sampled in-device."""
-        return self.decode_collect(self.decode_launch(slots, mode))
+        n = len(slots)
+        self._replay_decode(slots, mode)
+        tokens = self.out_tokens[:n].tolist()  # the step's one host sync
+        logits = self.out_logits[:n].clone() if mode.logits else None
+        if not mode.logprobs:
+            return StepResult(tokens, logits)
+        return StepResult(tokens, logits, self.out_lp[:n].tolist(), self.out_top_vals[:n].tolist(),
+                          self.out_top_ids[:n].tolist())
 
     @torch.inference_mode()
     def decode_launch(self, slots: list[int], mode: DecodeMode) -> "PendingDecode":
@@ -356,16 +363,7 @@ class ModelRunner:
         token the previous one sampled (kept on the device), so the next step can be launched
         before the host has seen this one's tokens."""
         n = len(slots)
-        b = self.bucket_for(n)
-        if mode.logits and self.out_logits is None:
-            self.out_logits = torch.zeros(self.buckets[-1], self.vocab, device=self.device)
-        self.slot_buf[:n].copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
-        self.slot_buf[n:b].fill_(-1)
-        if self.use_cuda_graph:
-            graph = self._graphs.get((b, mode)) or self._capture(b, mode)
-            graph.replay()
-        else:
-            self._decode_body(self.slot_buf[:b], mode)
+        self._replay_decode(slots, mode)
         # The next step overwrites the output buffers: copy this step's rows out now (in stream order).
         pinned = self.device.type == "cuda"
         outs = [self.out_tokens] + ([self.out_lp, self.out_top_vals, self.out_top_ids] if mode.logprobs else [])
@@ -378,6 +376,20 @@ class ModelRunner:
             event.record()
         logits = self.out_logits[:n].clone() if mode.logits else None
         return PendingDecode(host, logits, event)
+
+    def _replay_decode(self, slots: list[int], mode: DecodeMode) -> None:
+        """Runs the decode step for `slots` (its graph on CUDA); results land in the out_* buffers."""
+        n = len(slots)
+        b = self.bucket_for(n)
+        if mode.logits and self.out_logits is None:
+            self.out_logits = torch.zeros(self.buckets[-1], self.vocab, device=self.device)
+        self.slot_buf[:n].copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
+        self.slot_buf[n:b].fill_(-1)
+        if self.use_cuda_graph:
+            graph = self._graphs.get((b, mode)) or self._capture(b, mode)
+            graph.replay()
+        else:
+            self._decode_body(self.slot_buf[:b], mode)
 
     def decode_collect(self, pending: "PendingDecode") -> StepResult:
         """Waits for a launched step's results (the step's one host sync) and returns them."""
