@@ -90,6 +90,23 @@ def test_backward_varlen(with_state, device, seed, make_inputs, random_state, re
     _check(x, s0, seed, rel_err, TOL[torch.float32], offsets=offsets)
 
 
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "random_state"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_backward_strong_forget_partial_chunk(packed, with_state, device, seed, make_inputs, random_state, rel_err):
+    """Regression: forget gates around -3 (log f ~ -3 per position) in the last, partial chunk of a sequence.
+
+    The positions past the sequence end load b = m = 0, so their log weight i~_j - b_j for a valid j passed
+    exp()'s fp32 range once the in-chunk log decay b_j fell below about -88 (here after ~30 positions), and
+    0 * inf = NaN leaked into dk, dv, di, df. Packed training input has such a chunk in every document.
+    """
+    NH, DK, DV, S = 2, 16, 16, 100
+    offsets = [0, 1, 3, 40, 100] if packed else None  # partial chunks of 1, 2, 37 and 60 positions (L = 64)
+    B, N = (1, len(offsets) - 1) if packed else (2, 2)  # dense: 36 positions in the second chunk
+    x = [t.to(device) for t in make_inputs(B, NH, S, DK, DV, torch.float32, seed=seed, f_mean=-3.0)]
+    s0 = [t.to(device) for t in random_state(N, NH, DK, DV, torch.float32, seed=seed + 1)] if with_state else None
+    _check(x, s0, seed, rel_err, TOL[torch.float32], offsets=offsets, chunk=64)
+
+
 def test_custom_op_registrations(device, seed, make_inputs, random_state):
     """Schema, fake (meta) kernel and autograd registration agree with the real op."""
     x = [t.to(device) for t in make_inputs(1, 2, 20, 16, 16, torch.float32, seed=seed)]

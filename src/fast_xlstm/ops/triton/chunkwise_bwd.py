@@ -133,7 +133,12 @@ def _chunk_head(I, F, BROW, MROW, DEN, MB, MF, SEQ_BASE, SEQ_LEN, CHUNK_SEQ, CHU
     den = tl.load(DEN + rows, mask=valid, other=1.0)
     m_end = _m_end(MB, MF, c, j, nc, r, NH, h)
     w = tl.where(valid, tl.exp(a - m_end), 0.0)
-    causal = t[None, :] <= t[:, None]
+    # Rows past the sequence end must be masked here too, not only by their zero q / dh: they load b = mq = 0,
+    # so their log weight for a valid column j is i~_j - b_j, which overflows exp() to inf once the in-chunk
+    # log decay b_j drops below about -(88 - i~_j) (e.g. ~6 forget gates at the -15 cap). 0 * inf = NaN in
+    # those rows of P / dS then reaches every valid column through the transposed products (dk, dv) and the
+    # column sums (di, df): NaN gradients in the last, partial chunk of a sequence (any packed input).
+    causal = (t[None, :] <= t[:, None]) & valid[:, None]
     d = tl.exp(tl.where(causal, b[:, None] - b[None, :] + ig[None, :] - mq[:, None], float("-inf")))
     return rows, valid, b, mq, den, w, d
 
