@@ -63,7 +63,6 @@ def runner_prefill(model, lengths: list[int], repeat: int) -> dict[str, dict[int
             row[n] = _ms(once, repeat)
             print(f"[engine_ttft] runner {name} prefill {n}: {row[n]:.2f} ms", flush=True)
         out[name] = row
-        del runner
     return out
 
 

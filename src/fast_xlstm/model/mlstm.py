@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -9,6 +11,9 @@ from .. import ops
 from ..config import XLSTMConfig
 from ..ops import MLSTMState
 from .layers import MultiHeadLayerNorm, soft_cap
+
+if TYPE_CHECKING:  # the Triton package is imported only where the kernels run
+    from ..ops.triton import PackedPlan
 
 
 def _linear_fp32(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
@@ -87,7 +92,8 @@ class MLSTMLayer(nn.Module):
         return self._output(h, o), state
 
     def cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-             state: MLSTMState | None, cu_seqlens: torch.Tensor | None, plan=None) -> tuple[torch.Tensor, MLSTMState]:
+             state: MLSTMState | None, cu_seqlens: torch.Tensor | None,
+             plan: "PackedPlan | None" = None) -> tuple[torch.Tensor, MLSTMState]:
         """The mLSTM cell over sequences: q, k [B, S, qk], v [B, S, v], i, f [B, S, NH] ->
         h [B, S, NH, DV] and the final state (through the ops dispatch). `plan`: a
         `ops.triton.PackedPlan` for packed input (B = 1) with device-side tables, instead of cu_seqlens."""

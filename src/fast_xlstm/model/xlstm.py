@@ -8,6 +8,7 @@ The recurrent state is a value the caller owns: a list with one (C, n, m) tuple 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from ..config import XLSTMConfig
 from ..ops import MLSTMState
 from .layers import FeedForward, RMSNorm, soft_cap
 from .mlstm import MLSTMLayer
+
+if TYPE_CHECKING:  # the Triton package is imported only where the kernels run
+    from ..ops.triton import PackedPlan
 
 ModelState = list[MLSTMState]
 """One (C [N, NH, DK, DV], n [N, NH, DK], m [N, NH, 1]) tuple per block."""
@@ -56,7 +60,8 @@ class MLSTMBlock(nn.Module):
         x = x + self.mlstm_layer.step_slots(self.norm_mlstm(x), pool, slots)
         return x + self.ffn(self.norm_ffn(x))
 
-    def prefill_slots(self, x: torch.Tensor, pool: MLSTMState, rows: torch.Tensor, plan) -> torch.Tensor:
+    def prefill_slots(self, x: torch.Tensor, pool: MLSTMState, rows: torch.Tensor,
+                      plan: "PackedPlan") -> torch.Tensor:
         """Packed prefill x [1, T, d] of the plan's sequences from pool rows `rows` [N] (updated in place)."""
         q, k, v, o, i, f = self.pre_cell(x)
         init = tuple(t.index_select(0, rows) for t in pool)
@@ -234,7 +239,7 @@ class XLSTMForCausalLM(nn.Module):
             x = block.step_slots(x, layer_pool, slots)
         return self._head(x)
 
-    def prefill_slots(self, input_ids: torch.Tensor, pool: ModelState, rows: torch.Tensor, plan,
+    def prefill_slots(self, input_ids: torch.Tensor, pool: ModelState, rows: torch.Tensor, plan: "PackedPlan",
                       last_index: torch.Tensor) -> torch.Tensor:
         """Prefill of packed sequences whose states live in a state pool (updated in place), with no
         host sync, so the whole call can be captured in a CUDA graph (Triton kernels only).

@@ -1,9 +1,10 @@
 """mLSTM cell ops: one dispatch point for every implementation.
 
 The model calls `mlstm_chunkwise`, `mlstm_step`, `mlstm_step_slots_` and, for CUDA-graph prefill,
-`mlstm_chunkwise_planned` (Triton only: `planned_prefill_supported` says when it is there). Backends register here; "auto" picks the
-fastest registered backend that supports the tensors' device (Triton on CUDA once registered, torch
-elsewhere). `FAST_XLSTM_BACKEND=torch|triton|auto` forces a choice for the whole process.
+`mlstm_chunkwise_planned` (Triton only: `planned_prefill_supported` says when it is there).
+Backends register here; "auto" picks the fastest registered backend that supports the tensors'
+device (Triton on CUDA once registered, torch elsewhere). `FAST_XLSTM_BACKEND=torch|triton|auto`
+forces a choice for the whole process.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -20,6 +21,9 @@ from ._checks import MLSTMState, zero_state
 from .chunkwise_torch import mlstm_chunkwise_torch
 from .reference import mlstm_quadratic, mlstm_recurrent, mlstm_step_torch
 from .step_slots_torch import mlstm_step_slots_torch_
+
+if TYPE_CHECKING:  # importing triton is slow and optional
+    from .triton import PackedPlan
 
 __all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "mlstm_quadratic",
            "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
@@ -147,7 +151,8 @@ def planned_prefill_supported(x: torch.Tensor) -> bool:
 
 
 def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-                            initial_state: MLSTMState, plan, *, eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
+                            initial_state: MLSTMState, plan: "PackedPlan", *, eps: float = 1e-6
+                            ) -> tuple[torch.Tensor, MLSTMState]:
     """Packed inference forward from a `triton.PackedPlan` (no host sync). Shapes: see
     `triton.planned.mlstm_chunkwise_planned`."""
     mod = _triton()
