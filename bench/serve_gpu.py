@@ -106,6 +106,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--only-prefix", action="store_true", help="only the shared-prefix TTFT comparison")
     ap.add_argument("--skip-prefix", action="store_true", help="only the throughput runs")
+    ap.add_argument("--server-args", default="", help="more `fast-xlstm serve` options for both servers, "
+                    "e.g. '--async-scheduling'")
     ap.add_argument("--client-processes", type=int, default=4,
                     help="load generator processes for the throughput runs (one cannot parse 8k chunks/s)")
     args = ap.parse_args()
@@ -118,8 +120,10 @@ def main() -> int:
                    "64", "--output-tokens", "8", "--warmup", "2", "--logprobs")
 
     port = 8123
+    extra = args.server_args.split()
+    result["server_args"] = extra
     srv = start_server(out, "cache-on", port, args.model, "--max-num-seqs", "64" if args.only_prefix else "256",
-                       "--compile", "--step-log", str(out / "steps-cache-on.jsonl"))
+                       "--compile", "--step-log", str(out / "steps-cache-on.jsonl"), *extra)
     try:
         for c in () if args.only_prefix else (64, 256):
             result[f"concurrency_{c}"] = load(out, f"c{c}", port, "--concurrency", str(c), "--num-requests",
@@ -131,7 +135,8 @@ def main() -> int:
     finally:
         stop(srv)
     if not args.skip_prefix:
-        srv = start_server(out, "cache-off", port, args.model, "--max-num-seqs", "8", "--no-prefix-cache", "--compile")
+        srv = start_server(out, "cache-off", port, args.model, "--max-num-seqs", "8", "--no-prefix-cache", "--compile",
+                           *extra)
         try:
             result["ttft_shared_prefix_cache_off"] = load(out, "prefix-off", port, *prefix_args)
         finally:
