@@ -125,10 +125,27 @@ class StatePool:
         """Copies `state` (len(slots) sequences) into the rows `slots`."""
         idx = self._index(slots)
         for j, pool_t in enumerate(self.stacked):
-            # Stacked where the state lives (a snapshot may come from the host tier of a cache),
-            # then moved and cast in one copy.
-            new = torch.stack([layer[j] for layer in state])
-            pool_t.index_copy_(1, idx, new.to(device=pool_t.device, dtype=pool_t.dtype, non_blocking=True))
+            parts = [layer[j] for layer in state]
+            src = _stacked_base(parts)
+            if src is None and parts[0].device != pool_t.device:
+                src = torch.stack(parts)  # from the host tier of a cache: stack there, move once
+            if src is not None:  # one copy for all blocks (a snapshot from `read`, or stacked above)
+                pool_t.index_copy_(1, idx, src.to(device=pool_t.device, dtype=pool_t.dtype, non_blocking=True))
+                continue
+            # Separate per-block tensors on the device (a prefill's new states): copied block by block,
+            # since stacking them first would hold a second copy of the whole group's state.
+            for pool_b, part in zip(pool_t, parts):
+                pool_b.index_copy_(0, idx, part.to(pool_b.dtype))
+
+
+def _stacked_base(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The [L, N, ...] tensor whose consecutive blocks `parts` are (as `read` returns them), or None."""
+    base = parts[0]._base
+    if base is None or base.shape[0] != len(parts) or base.shape[1:] != parts[0].shape:
+        return None
+    if any(p._base is not base or p.data_ptr() != base[b].data_ptr() for b, p in enumerate(parts)):
+        return None
+    return base
 
 
 def _unstack(stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> ModelState:

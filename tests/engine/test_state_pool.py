@@ -42,3 +42,23 @@ def test_layers_are_live_views_and_reads_are_copies():
     assert bool((snap[1][0] == 1.5).all()) and not pool.layers[1][0][2].any()
     pool.write([0], _random_state(config, 1, seed=3))  # fp32 values cast into the bf16 pool
     assert pool.layers[0][0].dtype == torch.bfloat16 and pool.layers[0][0][0].abs().sum() > 0
+
+
+def test_snapshots_write_back_whole_and_per_block_states_without_stacking():
+    from fast_xlstm.state import _stacked_base
+
+    config = xlstm_tiny()
+    pool = StatePool(config, 4)
+    pool.write([0, 1, 2, 3], _random_state(config, 4, seed=5))
+    snap = pool.read([2, 0])
+    assert _stacked_base([layer[0] for layer in snap]) is not None  # a snapshot is one stacked tensor
+    pool.write([3, 1], snap)  # restore path: one copy per kind
+    mixed = [tuple(t.clone() for t in layer) for layer in _random_state(config, 2, seed=6)]
+    assert _stacked_base([layer[0] for layer in mixed]) is None
+    pool.write([0, 2], mixed)  # a prefill's per-block states: copied block by block
+    got = pool.read([3, 1, 0, 2])
+    for b in range(config.num_blocks):
+        for j in range(3):
+            assert torch.equal(got[b][j][:2], snap[b][j]) and torch.equal(got[b][j][2:], mixed[b][j])
+    reordered = [snap[1], snap[0]] + list(snap[2:])  # views of one tensor, but not in block order
+    assert _stacked_base([layer[0] for layer in reordered]) is None
