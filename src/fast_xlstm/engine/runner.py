@@ -161,7 +161,7 @@ class ModelRunner:
         # The device-table prefill needs the Triton kernels (on CUDA; on CPU only in their interpreter).
         self.planned_prefill = max_graph_prefill_tokens >= PREFILL_GRAPH_MIN_TOKENS and \
             ops.planned_prefill_supported(model.lm_head.weight)
-        self._planned: dict[tuple[int, int], _PlannedPrefill] = {}
+        self._planned: dict["PackedLayout", _PlannedPrefill] = {}  # per bucket (layouts are frozen dataclasses)
         self.prefill_logits: torch.Tensor | None = None  # [max sequences, V] fp32, the planned path's output
 
     # ---- per-request setup ----------------------------------------------------------------------
@@ -241,10 +241,9 @@ class ModelRunner:
         capture) its graph. Returns logits [len(slots), V] at the pieces' last positions."""
         tri = ops.triton_module()
         T, N = layout.num_tokens, layout.max_seqs
-        key = (N, T)
-        entry = self._planned.get(key)
+        entry = self._planned.get(layout)
         if entry is None:
-            entry = self._planned[key] = _PlannedPrefill(
+            entry = self._planned[layout] = _PlannedPrefill(
                 layout, torch.zeros(T + 2 * N + layout.size, dtype=torch.long, device=self.device))
         if self.prefill_logits is None:
             self.prefill_logits = torch.zeros(PREFILL_GRAPH_SEQS[-1], self.vocab, device=self.device)

@@ -72,7 +72,7 @@ class AsyncEngine:
         self.error: BaseException | None = None  # why the engine thread died, if it did
         self._aborted_at_stop = 0
         if metrics is not None:
-            metrics.bind_engine_state(self.engine_state, lambda: dict(self.engine.stats))
+            metrics.bind_engine_state(self.engine_state, lambda: self.engine.stats)
 
     # ---- lifecycle (event loop side) ----------------------------------------------------------
     def start(self) -> None:
