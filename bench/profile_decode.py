@@ -54,7 +54,9 @@ def kernel_table(prof, steps: int) -> dict:
     for n, us in by_name.items():
         by_kind[kind_of(n)] += us
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
-    return {"total_us": sum(by_name.values()), "by_kind_us": dict(by_kind),
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    sequence = [f"{e.name[:70]} {e.time_range.elapsed_us():.1f}us" for e in kernels[:48]]
+    return {"sequence": sequence, "total_us": sum(by_name.values()), "by_kind_us": dict(by_kind),
             "kernels_per_step": sum(count.values()) / steps,
             "top": [{"name": n[:120], "us": us, "calls_per_step": count[n] / steps} for n, us in top]}
 
@@ -112,6 +114,7 @@ def main() -> None:
               + ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["by_kind_us"].items(), key=lambda kv: -kv[1])))
         for t in row["top"][:12]:
             print(f"   {t['us']:8.1f} us  x{t['calls_per_step']:5.1f}  {t['name']}")
+        print("   first kernels of a step, in order: " + " | ".join(row["sequence"][:30]))
     for n in args.prefill:
         runner.start_request(0, [], GREEDY, seed=0)
         ids = torch.randint(1, cfg.vocab_size, (n,)).tolist()

@@ -85,6 +85,26 @@ def test_slot_pool_matches_functional_step_exactly(device, seed, make_inputs, ra
     assert all(torch.equal(a, b[slots.long()]) for a, b in zip(st_f, pool))
 
 
+def test_slot_pool_reads_row_views_of_a_fused_projection(device, seed, make_inputs, random_state):
+    """q, k, v and the gates as column slices of one [B, width] tensor (what the fused projections
+    give the decode step) are read in place and give exactly what contiguous copies give."""
+    B, NH, DK, DV, P = 3, 2, 16, 32, 5
+    slots = torch.tensor([4, -1, 1], dtype=torch.int32, device=device)
+    x = _step_inputs(make_inputs, B, NH, DK, DV, torch.bfloat16, seed, device)
+    q, k, v = (t.reshape(B, -1) for t in x[:3])
+    fused = torch.cat([q, k, v, torch.randn(B, 7, device=device, dtype=torch.bfloat16)], 1)
+    gates = torch.cat([x[3], x[4], torch.randn(B, 3, device=device)], 1)  # fp32, as the gate projection gives
+    views = [fused[:, :NH * DK].view(B, NH, DK), fused[:, NH * DK:2 * NH * DK].view(B, NH, DK),
+             fused[:, 2 * NH * DK:2 * NH * DK + NH * DV].view(B, NH, DV), gates[:, :NH], gates[:, NH:2 * NH]]
+    assert not any(t.is_contiguous() for t in views)
+    pools = [[t.to(device).contiguous() for t in random_state(P, NH, DK, DV, seed=seed + 1)] for _ in range(2)]
+    h_views = mlstm_step_slots_(*views, *pools[0], slots)
+    h_copies = mlstm_step_slots_(*(t.contiguous() for t in views), *pools[1], slots)
+    assert torch.equal(h_views, h_copies)
+    assert all(torch.equal(a, b) for a, b in zip(*pools))
+    assert pools[0][0][4].abs().sum() > 0 and not torch.isnan(h_views).any()
+
+
 def test_prefill_then_step_equals_longer_prefill(device, seed, make_inputs, rel_err, state_err):
     B, NH, S, DK, DV = 2, 2, 40, 16, 32
     x = [t.to(device) for t in make_inputs(B, NH, S + 1, DK, DV, torch.float32, seed=seed)]

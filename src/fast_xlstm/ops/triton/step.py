@@ -26,9 +26,12 @@ from ._common import logsigmoid, pow2, rtne, tl_dtype
 
 @triton.jit
 def _step_kernel(Q, K, V, I, F, C_in, N_in, M_in, C_out, N_out, M_out, SLOTS, CNT, H, NH, n_vt, scale, eps,
-                 DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 sq, sk, sv, si, sf, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  HAS_SLOTS: tl.constexpr, HAS_STATE: tl.constexpr, INPLACE: tl.constexpr):
     """q, k [B, NH, DK]; v, h [B, NH, DV]; i, f [B, NH]; state rows [*, NH, DK, DV] / [*, NH, DK] / [*, NH].
+
+    q, k, v, i, f may be row views of a wider tensor (a fused projection's output): sq .. sf are their
+    batch strides; within a row they are contiguous. h and the state rows are contiguous.
 
     State row of batch row b: SLOTS[b] if HAS_SLOTS (negative = skip: state untouched, h = 0), else b.
     """
@@ -44,9 +47,10 @@ def _step_kernel(Q, K, V, I, F, C_in, N_in, M_in, C_out, N_out, M_out, SLOTS, CN
     valid = slot >= 0
     sh = tl.maximum(slot, 0).to(tl.int64) * NH + h  # state (row, head)
     bh64 = bh.to(tl.int64)
+    b64 = b.to(tl.int64)
 
-    ig = tl.load(I + bh64).to(tl.float32)
-    lf = logsigmoid(tl.load(F + bh64).to(tl.float32))
+    ig = tl.load(I + b64 * si + h).to(tl.float32)
+    lf = logsigmoid(tl.load(F + b64 * sf + h).to(tl.float32))
     if HAS_STATE:
         m0 = tl.load(M_in + sh, mask=valid, other=0.0).to(tl.float32)
     else:
@@ -57,14 +61,14 @@ def _step_kernel(Q, K, V, I, F, C_in, N_in, M_in, C_out, N_out, M_out, SLOTS, CN
 
     dv = vt * BV + tl.arange(0, BV)
     mv = dv < DV
-    vv = tl.load(V + bh64 * DV + dv, mask=mv, other=0.0).to(tl.float32)
+    vv = tl.load(V + b64 * sv + h * DV + dv, mask=mv, other=0.0).to(tl.float32)
     num = tl.zeros([BV], dtype=tl.float32)
     qn = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, DK, BK):
         dk = k0 + tl.arange(0, BK)
         mk = dk < DK
-        qq = tl.load(Q + bh64 * DK + dk, mask=mk, other=0.0).to(tl.float32)
-        kk = tl.load(K + bh64 * DK + dk, mask=mk, other=0.0).to(tl.float32)
+        qq = tl.load(Q + b64 * sq + h * DK + dk, mask=mk, other=0.0).to(tl.float32)
+        kk = tl.load(K + b64 * sk + h * DK + dk, mask=mk, other=0.0).to(tl.float32)
         tile = sh * (DK * DV) + dk[:, None] * DV + dv[None, :]
         mkv = mk[:, None] & mv[None, :]
         if HAS_STATE:
@@ -91,7 +95,7 @@ def _step_kernel(Q, K, V, I, F, C_in, N_in, M_in, C_out, N_out, M_out, SLOTS, CN
         for k0 in range(0, DK, BK):
             dk = k0 + tl.arange(0, BK)
             mk = dk < DK
-            kk = tl.load(K + bh64 * DK + dk, mask=mk, other=0.0).to(tl.float32)
+            kk = tl.load(K + b64 * sk + h * DK + dk, mask=mk, other=0.0).to(tl.float32)
             n = tl.load(N_in + sh * DK + dk, mask=mk & writer, other=0.0).to(tl.float32)
             tl.store(N_out + sh * DK + dk, rtne(fa * n + ia * kk, N_out.dtype.element_ty), mask=mk & writer)
         tl.store(M_out + sh, rtne(m, M_out.dtype.element_ty), mask=writer)
@@ -134,13 +138,24 @@ def _check_step_inputs(q, k, v, i, f) -> tuple[int, int, int, int]:
     return B, NH, DK, v.shape[-1]
 
 
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """x [B, ...] itself if each row is contiguous (any batch stride), else a contiguous copy."""
+    inner = x[0] if x.shape[0] > 0 else x
+    if x.shape[0] > 0 and inner.is_contiguous() and x.stride(0) >= inner.numel():
+        return x
+    return x.contiguous()
+
+
 def _launch(q, k, v, i, f, Ci, Ni, Mi, Co, No, Mo, slots, cnt, h, has_state, inplace, eps):
     B, NH, DK = q.shape
     DV = v.shape[-1]
     bk, bv, nw = _tiles(B, NH, DK, DV)
     n_vt = triton.cdiv(DV, bv)
-    q, k, v, i, f = (x.contiguous() for x in (q, k, v, i, f))
+    # Row views of a fused projection's output are read in place (a copy each would be 5 more
+    # launches per layer per decode step); anything else is made contiguous first.
+    q, k, v, i, f = (_rows_contiguous(x) for x in (q, k, v, i, f))
     _step_kernel[(B * NH * n_vt,)](q, k, v, i, f, Ci, Ni, Mi, Co, No, Mo, slots, cnt, h, NH, n_vt, DK ** -0.5, eps,
+                                   q.stride(0), k.stride(0), v.stride(0), i.stride(0), f.stride(0),
                                    DK=DK, DV=DV, BK=bk, BV=bv, HAS_SLOTS=slots is not None, HAS_STATE=has_state,
                                    INPLACE=inplace, num_warps=nw)
 
