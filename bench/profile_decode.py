@@ -33,7 +33,7 @@ def kind_of(name: str) -> str:
     n = name.lower()
     if any(s in n for s in ("gemm", "gemv", "nvjet", "cutlass", "sm90_", "splitk", "cublas")):
         return "gemm"
-    if "step_slots" in n or "mlstm_step" in n:
+    if "step_kernel" in n or "step_slots" in n or "mlstm_step" in n:
         return "mlstm_step"
     if "chunk" in n or "mlstm" in n:
         return "mlstm_chunkwise"
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 64])
     ap.add_argument("--prefill", type=int, nargs="*", default=[64])
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the decode step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = get_preset(args.preset)
@@ -91,7 +92,9 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "compiled": compiled,
                     "decode": [], "prefill": []}
     mode = DecodeMode.of([GREEDY])
-    runner = ModelRunner(model, num_slots=max(args.batches), compile_decode=compiled, compile_prefill=compiled)
+    runner = ModelRunner(model, num_slots=max(args.batches), compile_decode=compiled, compile_prefill=compiled,
+                         compile_mode=args.compile_mode)
+    report["compile_mode"] = args.compile_mode
     for b in args.batches:
         slots = list(range(b))
         for s in slots:

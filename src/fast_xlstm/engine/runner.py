@@ -41,13 +41,15 @@ PREFILL_GRAPH_MIN_TOKENS = 16  # smallest token bucket (the kernels' smallest ch
 LOGPROBS_K = 20  # the most alternatives a decode step reports (OpenAI's limit)
 
 
-def compile_block_steps(model: XLSTMForCausalLM) -> None:
+def compile_block_steps(model: XLSTMForCausalLM, mode: str | None = None) -> None:
     """Regional torch.compile of the decode step of every block: the blocks share one compiled
     graph (parameters are graph inputs), which fuses each block's ~80 small kernels (norms, gates,
-    cell update, output gate, SwiGLU glue) into a few; CUDA-graph capture then records those."""
+    cell update, output gate, SwiGLU glue) into a few; CUDA-graph capture then records those.
+    mode: a torch.compile mode, e.g. "max-autotune-no-cudagraphs" (benchmarks GEMM kernels per
+    batch bucket: slower start-up)."""
     for block in model.backbone.blocks:
         if not getattr(block, "_step_slots_compiled", False):
-            block.step_slots = torch.compile(block.step_slots, fullgraph=True)
+            block.step_slots = torch.compile(block.step_slots, fullgraph=True, mode=mode)
             block._step_slots_compiled = True
 
 
@@ -114,12 +116,12 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: XLSTMForCausalLM, *, num_slots: int, state_dtype: torch.dtype = torch.float32,
                  use_cuda_graph: bool | None = None, compile_decode: bool = False, compile_prefill: bool = False,
-                 max_graph_prefill_tokens: int = 2048):
+                 max_graph_prefill_tokens: int = 2048, compile_mode: str | None = None):
         """max_graph_prefill_tokens: prefills of at most this many tokens (rounded down to a power of
         two; 0 = none) run through the device-table path, captured as CUDA graphs on CUDA."""
         self.model = model
         if compile_decode:
-            compile_block_steps(model)
+            compile_block_steps(model, compile_mode)
         if compile_prefill:
             compile_prefill_regions(model)
         self.device = model.device

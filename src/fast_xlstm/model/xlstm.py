@@ -57,8 +57,16 @@ class MLSTMBlock(nn.Module):
         return x + self.ffn(self.norm_ffn(x)), state
 
     def step_slots(self, x: torch.Tensor, pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
-        x = x + self.mlstm_layer.step_slots(self.norm_mlstm(x), pool, slots)
-        return x + self.ffn(self.norm_ffn(x))
+        """x [B, d] -> [B, d]; pool rows `slots` updated in place.
+
+        The residual adds run on [B, 1, d] views: compiled on a 2-D x, inductor folds each
+        `x + linear(..)` into one addmm, which on CUDA first copies x into the GEMM's output (a
+        memcpy and a launch per projection); as plain adds they fuse into the next norm's kernel.
+        """
+        x = x[:, None]
+        x = x + self.mlstm_layer.step_slots(self.norm_mlstm(x[:, 0]), pool, slots)[:, None]
+        x = x + self.ffn(self.norm_ffn(x))
+        return x[:, 0]
 
     def prefill_slots(self, x: torch.Tensor, pool: MLSTMState, rows: torch.Tensor,
                       plan: "PackedPlan") -> torch.Tensor:

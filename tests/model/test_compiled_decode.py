@@ -1,4 +1,4 @@
-"""The fp32 gate projection: eager GEMM and its compiled decode form (one fused reduction)."""
+"""Compiled decode: the fp32 gate projection (one fused reduction) and the block step (no residual addmm)."""
 
 from __future__ import annotations
 
@@ -42,3 +42,31 @@ def test_prefill_shaped_gate_projection_keeps_the_gemm():
         _, code = run_and_get_code(torch.compile(lambda u: _linear_fp32(u, lin), fullgraph=True), x)
     src = "\n".join(code)
     assert "extern_kernels" in src and ("mm(" in src or "addmm(" in src)
+
+
+def test_compiled_block_decode_step_has_no_residual_addmm_and_equals_eager():
+    """The residual adds stay plain adds (an addmm would copy the residual into the GEMM output
+    first on CUDA), and the compiled step equals the eager step."""
+    from fast_xlstm.config import get_preset
+    from fast_xlstm.model import XLSTMForCausalLM
+    from fast_xlstm.state import StatePool
+
+    torch._dynamo.reset()
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    model = XLSTMForCausalLM.from_config(get_preset("xlstm-tiny"), dtype=torch.float32).fuse_projections()
+    block = model.backbone.blocks[0]
+    x = torch.randn(4, model.config.embedding_dim)
+    slots = torch.tensor([2, -1, 0, 3], dtype=torch.int32)
+    pools = [StatePool(model.config, 4) for _ in range(2)]
+    for p in pools:
+        for t in p.stacked:
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(7)).abs() if t is p.stacked[2]
+                    else torch.randn(t.shape, generator=torch.Generator().manual_seed(7)))
+    with torch.no_grad():
+        eager = block.step_slots(x, pools[0].layers[0], slots)
+        compiled, code = run_and_get_code(torch.compile(block.step_slots, fullgraph=True), x, pools[1].layers[0], slots)
+    assert "addmm" not in "\n".join(code)
+    assert not torch.isnan(compiled).any()
+    assert ((compiled - eager).abs().max() / eager.abs().max()).item() < 1e-5
+    for a, b in zip(pools[0].stacked, pools[1].stacked):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
