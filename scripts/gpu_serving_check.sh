@@ -29,7 +29,7 @@ for mode in sync async; do
   extra=""
   [ "$mode" = async ] && extra="--async-scheduling"
   echo "== serving benchmark ($mode)"
-  timeout 170 python bench/serve_gpu.py --skip-prefix --server-args "$extra" --out "$OUT/serve-$mode" 2>&1 \
+  timeout 170 python bench/serve_gpu.py --skip-prefix --server-args="$extra" --out "$OUT/serve-$mode" 2>&1 \
     | grep -v -i warn | tail -12
   if [ -f "$OUT/serve-$mode/steps-cache-on.jsonl" ]; then
     python bench/step_log_summary.py "$OUT/serve-$mode/steps-cache-on.jsonl" "$OUT"/serve-$mode/load-c*.json
