@@ -45,20 +45,24 @@ def test_layers_are_live_views_and_reads_are_copies():
 
 
 def test_snapshots_write_back_whole_and_per_block_states_without_stacking():
-    from fast_xlstm.state import _stacked_base
+    from fast_xlstm.state import StackedState
 
     config = xlstm_tiny()
     pool = StatePool(config, 4)
     pool.write([0, 1, 2, 3], _random_state(config, 4, seed=5))
     snap = pool.read([2, 0])
-    assert _stacked_base([layer[0] for layer in snap]) is not None  # a snapshot is one stacked tensor
+    assert isinstance(snap, StackedState) and snap.stacked[0].shape[:2] == (config.num_blocks, 2)
+    assert all(snap[b][0].data_ptr() == snap.stacked[0][b].data_ptr() for b in range(config.num_blocks))
     pool.write([3, 1], snap)  # restore path: one copy per kind
     mixed = [tuple(t.clone() for t in layer) for layer in _random_state(config, 2, seed=6)]
-    assert _stacked_base([layer[0] for layer in mixed]) is None
+    assert not isinstance(mixed, StackedState)
     pool.write([0, 2], mixed)  # a prefill's per-block states: copied block by block
     got = pool.read([3, 1, 0, 2])
     for b in range(config.num_blocks):
         for j in range(3):
             assert torch.equal(got[b][j][:2], snap[b][j]) and torch.equal(got[b][j][2:], mixed[b][j])
     reordered = [snap[1], snap[0]] + list(snap[2:])  # views of one tensor, but not in block order
-    assert _stacked_base([layer[0] for layer in reordered]) is None
+    assert not isinstance(reordered, StackedState)
+    pool.write([3, 1], reordered)  # copied block by block, in the order given
+    got = pool.read([3, 1])
+    assert torch.equal(got[0][0], snap[1][0]) and torch.equal(got[1][0], snap[0][0])

@@ -135,15 +135,13 @@ class ModelRunner:
             raise ValueError("CUDA graphs need a CUDA device")
         dev = self.device
 
-        def buf(value: float, dtype: torch.dtype) -> torch.Tensor:
-            return torch.full((P + 1,), value, dtype=dtype, device=dev)
-
-        self.last_token = buf(0, torch.long)
-        self.steps = buf(0, torch.long)
-        self.seeds = buf(0, torch.long)
-        self.temperature, self.top_k = buf(1.0, torch.float32), buf(0, torch.long)
-        self.top_p, self.min_p = buf(1.0, torch.float32), buf(0.0, torch.float32)
-        self.rep, self.pres, self.freq = buf(1.0, torch.float32), buf(0.0, torch.float32), buf(0.0, torch.float32)
+        self.last_token = torch.zeros(P + 1, dtype=torch.long, device=dev)
+        # Per-slot sampling inputs: rows of two packed tensors, so a new request's setup is two
+        # host-to-device copies instead of nine small kernels (host time on the path to a first token).
+        self._long_params = torch.tensor([[0], [0], [0]], dtype=torch.long, device=dev).repeat(1, P + 1)
+        self._float_params = torch.tensor([[1.0], [1.0], [0.0], [1.0], [0.0], [0.0]], device=dev).repeat(1, P + 1)
+        self.steps, self.seeds, self.top_k = self._long_params.unbind(0)
+        self.temperature, self.top_p, self.min_p, self.rep, self.pres, self.freq = self._float_params.unbind(0)
         self.counts: torch.Tensor | None = None  # [P + 1, V] int32, made when a request uses penalties
         self.prompt_mask: torch.Tensor | None = None  # [P + 1, V] bool
         self.buckets = sorted({b for b in GRAPH_BUCKETS if b < P} | {P})  # batch sizes with a graph
@@ -170,13 +168,11 @@ class ModelRunner:
     def start_request(self, slot: int, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
         """Empties the slot's state and loads the request's sampling parameters into the slot buffers."""
         self.pool.reset([slot])
-        self.steps[slot] = 0
-        self.seeds[slot] = seed
-        self.temperature[slot] = params.temperature
-        self.top_k[slot] = params.top_k if 0 < params.top_k < self.vocab else 0
-        self.top_p[slot], self.min_p[slot] = params.top_p, params.min_p
-        self.rep[slot], self.pres[slot], self.freq[slot] = (params.repetition_penalty, params.presence_penalty,
-                                                           params.frequency_penalty)
+        top_k = params.top_k if 0 < params.top_k < self.vocab else 0
+        self._long_params[:, slot].copy_(torch.tensor([0, seed, top_k]), non_blocking=True)
+        self._float_params[:, slot].copy_(torch.tensor(
+            [params.temperature, params.top_p, params.min_p, params.repetition_penalty, params.presence_penalty,
+             params.frequency_penalty], dtype=torch.float32), non_blocking=True)
         if params.has_penalties and self.counts is None:
             self.counts = torch.zeros(self.num_slots + 1, self.vocab, dtype=torch.int32, device=self.device)
             self.prompt_mask = torch.zeros(self.num_slots + 1, self.vocab, dtype=torch.bool, device=self.device)

@@ -9,11 +9,11 @@ snapshot that falls out of both is gone, and the request simply prefills from an
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, Hashable, TypeVar
 
-import torch
 
 from ..model import ModelState
 from ..state import cast_state, state_nbytes
@@ -120,7 +120,7 @@ def prefix_keys(tokens: list[int], block: int) -> list[bytes]:
     keys, prev = [], b""
     for end in range(block, len(tokens) + 1, block):
         h = hashlib.blake2b(prev, digest_size=16)
-        h.update(torch.tensor(tokens[end - block:end], dtype=torch.int64).numpy().tobytes())
+        h.update(array("q", tokens[end - block:end]).tobytes())  # int64, native order
         prev = h.digest()
         keys.append(prev)
     return keys

@@ -77,8 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--session-cache-host-gb", type=float, default=16.0, help="... and spilled to host memory")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may finish after SIGINT/SIGTERM before they are aborted")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="launch each decode step before reading the previous one's tokens (host work overlaps the GPU)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="launch each decode step before reading the previous one's tokens, so the host's per-token "
+                        "work overlaps the GPU (default on; --no-async-scheduling steps synchronously)")
     p.add_argument("--step-log", default=None, metavar="FILE",
                    help="append one JSON line per engine step (timing and batch composition) to FILE")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
