@@ -164,3 +164,15 @@ def test_step_log_records_every_step(tmp_path):
     assert sum(r["admitted"] for r in rows) == 3 and max(r["running"] for r in rows) == 2
     assert all(r["prefill_tokens"] + r["decode"] <= 8 or r["prefill_seqs"] == 1 for r in rows)  # the step budget
     assert all(r["ms"] > 0 for r in rows) and rows[-1]["running"] == rows[-1]["waiting"] == 0
+
+
+def test_engine_warm_up_then_same_outputs_and_free_slots():
+    llm = LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=3, max_graph_prefill_tokens=32)
+    params = SamplingParams(temperature=0, max_tokens=5)
+    assert llm.engine.warm_up() >= 0
+    assert llm.engine.scheduler.num_free_slots == 3
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in generate(llm.model, llm.tokenizer, PROMPTS, params)]
+    llm.engine.add_request("queued", params)
+    with pytest.raises(RuntimeError, match="idle engine"):
+        llm.engine.warm_up()

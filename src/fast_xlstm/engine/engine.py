@@ -116,6 +116,18 @@ class LLMEngine:
         self.requests.update({r.request_id: r for r in reqs})
         return rid
 
+    def warm_up(self) -> float:
+        """Compiles and captures what the first requests would otherwise wait for (decode graphs for
+        greedy, greedy with logprobs and plain sampling; every graph-prefill bucket; the eager
+        prefill's kernels). Call before adding requests; returns the seconds it took."""
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("warm_up needs an idle engine (it uses the first state slots)")
+        t0 = time.perf_counter()
+        greedy = DecodeMode(sample=False, filters=False, penalties=False, logprobs=False)
+        self.runner.warm_up([greedy, dataclasses.replace(greedy, logprobs=True),
+                             dataclasses.replace(greedy, sample=True)])
+        return time.perf_counter() - t0
+
     def abort(self, request_id: str) -> bool:
         """Stops a request (with its forked siblings) and frees its slots now; False if it is unknown
         or already finished."""

@@ -425,3 +425,28 @@ class ModelRunner:
             for b in reversed(self.buckets):
                 if (b, mode) not in self._graphs:
                     self._capture(b, mode)
+
+    @torch.inference_mode()
+    def warm_up(self, modes: list[DecodeMode]) -> None:
+        """Does ahead of the first request what would otherwise stall a live step: decode graphs of
+        `modes` for every bucket, every graph-prefill bucket (N sequences in T tokens), and the
+        JIT compiles of the eager prefill (the Triton kernels specialize on whether the packed
+        length is a multiple of 16, so one of each). Uses the first slots and empties them after;
+        call it before any request holds a slot."""
+        for mode in modes:
+            self.capture_all(mode)
+        if self.planned_prefill:
+            for n in (s for s in PREFILL_GRAPH_SEQS if s <= self.num_slots):
+                t = PREFILL_GRAPH_MIN_TOKENS
+                while t <= self.max_graph_prefill_tokens:
+                    slots = list(range(n))
+                    self.pool.reset(slots)
+                    pieces = [[1] * (t // n)] * n  # powers of two, t >= 16 >= n
+                    self._prefill_planned(self._planned_layout([len(p) for p in pieces]), slots, pieces)
+                    t *= 2
+        for total in (2 * self.max_graph_prefill_tokens + 16, 2 * self.max_graph_prefill_tokens + 17):
+            self.pool.reset([0])
+            self._prefill_group([0], [[1] * total])
+        self.pool.reset(list(range(min(self.num_slots, PREFILL_GRAPH_SEQS[-1]))))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -35,6 +35,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               max_sessions_device_bytes=int(args.session_cache_gb * 2**30),
               max_sessions_host_bytes=int(args.session_cache_host_gb * 2**30), step_log=args.step_log,
               async_scheduling=args.async_scheduling)
+    if args.warmup:
+        seconds = llm.engine.warm_up()
+        print(f"[fast-xlstm] warmed up in {seconds:.1f} s (decode graphs, graph prefills, kernel compiles)",
+              file=sys.stderr, flush=True)
     print(f"[fast-xlstm] serving {llm.source} as {', '.join(config.model_names)} on http://{args.host}:{args.port} "
           f"({llm.model.device}, {args.max_num_seqs} state slots)", file=sys.stderr, flush=True)
     app = create_app(llm.engine, llm.tokenizer, config)
@@ -80,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before reading the previous one's tokens, so the host's per-token "
                         "work overlaps the GPU (default on; --no-async-scheduling steps synchronously)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="before serving, capture the decode graphs and graph prefills and compile the kernels "
+                        "that the first requests would otherwise wait for (default on)")
     p.add_argument("--step-log", default=None, metavar="FILE",
                    help="append one JSON line per engine step (timing and batch composition) to FILE")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
