@@ -70,10 +70,14 @@ class MLSTMBlock(nn.Module):
 
     def prefill_slots(self, x: torch.Tensor, pool: MLSTMState, rows: torch.Tensor,
                       plan: "PackedPlan") -> torch.Tensor:
-        """Packed prefill x [1, T, d] of the plan's sequences from pool rows `rows` [N] (updated in place)."""
+        """Packed prefill x [1, T, d] of the plan's sequences from pool rows `rows` [N] int64 (updated in place).
+
+        The kernel reads the initial states straight from the pool rows (no gather kernels); the final
+        states come back in separate buffers and are written here, since padding sequences of the plan
+        repeat real ones (same rows) and a write from the kernel would race.
+        """
         q, k, v, o, i, f = self.pre_cell(x)
-        init = tuple(t.index_select(0, rows) for t in pool)
-        h, final = self.mlstm_layer.cell(q, k, v, i, f, init, None, plan=plan)
+        h, final = self.mlstm_layer.cell(q, k, v, i, f, pool, None, plan=plan, state_rows=rows)
         for t, new in zip(pool, final):
             t.index_copy_(0, rows, new.to(t.dtype))
         return self.post_cell(x, h, o)

@@ -37,3 +37,34 @@ def _interpreter_env(monkeypatch):
 @pytest.fixture
 def device() -> str:
     return "cuda" if CUDA else "cpu"
+
+
+def _pack_projection(q, k, v, i, f) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [B, NH, S, DK], v [B, NH, S, DV], i, f [B, NH, S] laid out as the model's fused projections:
+    proj [B, S, 2 * NH * DK + NH * DV + DV] (q | k | v | an o-gate-like filler) and gates [B, S, 2 * NH]."""
+    B, _, S, _ = q.shape
+    flat = lambda x: x.transpose(1, 2).reshape(B, S, -1)
+    filler = torch.randn(B, S, v.shape[-1], generator=torch.Generator().manual_seed(7)).to(q)
+    proj = torch.cat([flat(q), flat(k), flat(v), filler], -1)
+    return proj, torch.cat([i.transpose(1, 2), f.transpose(1, 2)], -1)
+
+
+def _unpack_projection(proj, gates, NH: int, DK: int, DV: int) -> list[torch.Tensor]:
+    """The [B, NH, S, D] / [B, NH, S] views of `_pack_projection`'s tensors that `MLSTMLayer.cell` makes
+    (none contiguous; q, k, v with a contiguous last dim)."""
+    B, S, _ = proj.shape
+    q, k, v, _ = proj.split([NH * DK, NH * DK, NH * DV, DV], -1)
+    out = [x.reshape(B, S, NH, -1).transpose(1, 2) for x in (q, k, v)]
+    out += [g.transpose(1, 2) for g in gates.split(NH, -1)]
+    assert not any(x.is_contiguous() for x in out)
+    return out
+
+
+@pytest.fixture
+def pack_projection():
+    return _pack_projection
+
+
+@pytest.fixture
+def unpack_projection():
+    return _unpack_projection

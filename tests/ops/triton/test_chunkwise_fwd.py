@@ -102,6 +102,43 @@ def test_noncontiguous_inputs_and_mixed_gate_dtype(device, seed, make_inputs, re
     assert rel_err(h.cpu(), _oracle((q, k, v, i, f), None)[0]) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "varlen"])
+def test_projection_views_equal_contiguous_inputs(packed, dtype, device, seed, make_inputs, random_state, rel_err,
+                                                  state_err, pack_projection, unpack_projection):
+    """q, k, v and gates as strided views of fused [B, S, NH * D] projections (read in place by the forward
+    kernels) give exactly what contiguous copies give; dense B = 2 checks the batch stride too."""
+    NH, DK, DV = 2, 16, 32
+    offs = [0, 1, 40, 73, 90] if packed else None
+    B, S = (1, offs[-1]) if packed else (2, 45)
+    N = len(offs) - 1 if packed else B
+    x = [t.to(device) for t in make_inputs(B, NH, S, DK, DV, dtype, seed=seed)]
+    x[3:] = [t.float() for t in x[3:]]
+    views = unpack_projection(*pack_projection(*x), NH, DK, DV)
+    s0 = [t.to(device) for t in random_state(N, NH, DK, DV, torch.float32, seed=seed + 1)]
+    cu = None if offs is None else torch.tensor(offs, dtype=torch.int32, device=device)
+    h, st = mlstm_chunkwise_triton(*views, s0, cu_seqlens=cu, chunk_size=16)
+    h_ref, st_ref = mlstm_chunkwise_triton(*x, s0, cu_seqlens=cu, chunk_size=16)
+    assert torch.isfinite(h).all() and torch.equal(h, h_ref)
+    assert all(torch.equal(a, b) for a, b in zip(st, st_ref))
+    for r in range(N):  # and right (a stride bug shared by both calls would pass the above)
+        a, e = (offs[r], offs[r + 1]) if packed else (0, S)
+        b = 0 if packed else r
+        h_or, st_or = _oracle([t[b:b + 1, :, a:e] for t in x], [t[r:r + 1] for t in s0])
+        assert rel_err(h[b:b + 1, :, a:e].cpu(), h_or) < TOL[dtype], f"sequence {r}"
+        assert state_err([t[r:r + 1].cpu() for t in st], st_or) < STATE_TOL[dtype], f"sequence {r}"
+
+
+def test_strided_last_dim_is_copied(device, seed, make_inputs, rel_err):
+    """A q whose last dim is not contiguous (which the kernels cannot read in place) still works."""
+    B, NH, S, DK, DV = 1, 2, 33, 16, 16
+    q, k, v, i, f = (t.to(device) for t in make_inputs(B, NH, S, DK, DV, torch.float32, seed=seed))
+    qs = torch.stack([q, -q], -1)[..., 0]
+    assert qs.stride(-1) == 2 and torch.equal(qs, q)
+    h, _ = mlstm_chunkwise_triton(qs, k, v, i, f)
+    assert torch.equal(h, mlstm_chunkwise_triton(q, k, v, i, f)[0])
+
+
 def test_dispatch_routes_to_triton(device, seed, make_inputs, rel_err, no_backend_env):
     x = [t.to(device) for t in make_inputs(1, 2, 20, 16, 16, torch.float32, seed=seed)]
     assert resolve_backend(x[0]).name == "triton"

@@ -9,9 +9,13 @@ import torch
 
 pytest.importorskip("triton")
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fast_xlstm import ops
 from fast_xlstm.engine.runner import ModelRunner
 from fast_xlstm.generation.params import SamplingParams
 from fast_xlstm.ops import mlstm_recurrent
+from fast_xlstm.ops.triton import chunkwise_fwd
 from fast_xlstm.ops.triton import PackedLayout, PackedPlan, mlstm_chunkwise_planned, padded_rows, plan_values
 
 from modelutil import random_ids, tiny_model
@@ -72,6 +76,140 @@ def test_planned_forward_matches_recurrent(lengths, max_seqs, tokens, dtype, dev
         assert state_err([t[r:r + 1].cpu() for t in st], st_ref) < TOL[dtype], f"sequence {r}"
         if r >= N:
             assert all(torch.equal(t[r], t[pool_row]) for t in st)
+
+
+def _plan(layout: PackedLayout, offs: list[int], device) -> PackedPlan:
+    buf = torch.tensor(plan_values(layout, offs), dtype=torch.long, device=device)
+    return PackedPlan.from_buffer(layout, buf)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["fp32_pool", "bf16_pool"])
+@pytest.mark.parametrize("lengths,max_seqs", [([5, 23, 9], 5), ([40], 2)], ids=["three_of_5", "one_of_2"])
+def test_planned_forward_reads_pool_rows(lengths, max_seqs, pool_dtype, device, seed, make_inputs, random_state,
+                                         rel_err, state_err):
+    """Initial states read in place from shuffled rows of a larger pool (padding sequences included) give
+    exactly the forward from the gathered states, and the pool is left as it was."""
+    NH, DK, DV, T, P = 2, 16, 32, 64, 9
+    layout = PackedLayout(max_seqs, T, chunk_size=16)
+    offs = _offsets(lengths)
+    N = len(lengths)
+    q, k, v, i, f = (t.to(device) for t in make_inputs(1, NH, T, DK, DV, torch.float32, seed=seed))
+    pool = [t.to(device, pool_dtype) for t in random_state(P, NH, DK, DV, seed=seed + 1)]
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randperm(P, generator=g)[:N].tolist()
+    real = real if any(r != j for j, r in enumerate(real)) else real[::-1] if N > 1 else [P - 1]
+    rows = padded_rows(layout, offs, real)
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+    before = [t.clone() for t in pool]
+    plan = _plan(layout, offs, device)
+    h, st = ops.mlstm_chunkwise_planned(q, k, v, i, f, pool, plan, state_rows=rows_t)  # through the dispatch
+    h_ref, st_ref = mlstm_chunkwise_planned(q, k, v, i, f, [t[rows] for t in pool], plan)
+    assert all(torch.equal(a, b) for a, b in zip(pool, before)), "the kernel wrote into the pool"
+    used = offs[-1]
+    assert torch.isfinite(h[:, :, :used]).all() and all(torch.isfinite(t).all() for t in st)
+    assert torch.equal(h[:, :, :used], h_ref[:, :, :used])
+    assert all(t.shape[0] == max_seqs and t.dtype == torch.float32 for t in st)
+    assert all(torch.equal(a, b) for a, b in zip(st, st_ref))
+    for r in range(N):  # and both are right: against the recurrence from the pool row
+        a, e = offs[r], offs[r + 1]
+        h_or, st_or = mlstm_recurrent(*(t[:, :, a:e].double().cpu() for t in (q, k, v, i, f)),
+                                      [t[rows[r]:rows[r] + 1].double().cpu() for t in pool])
+        assert rel_err(h[:, :, a:e].cpu(), h_or) < TOL[torch.float32], f"sequence {r}"
+        assert state_err([t[r:r + 1].cpu() for t in st], st_or) < TOL[torch.float32], f"sequence {r}"
+
+
+def test_planned_pool_rows_rejects_bad_input(device, make_inputs, random_state):
+    NH, DK, DV, T = 2, 16, 16, 32
+    layout = PackedLayout(2, T, chunk_size=16)
+    plan = _plan(layout, [0, 10, 20], device)
+    x = [t.to(device) for t in make_inputs(1, NH, T, DK, DV, torch.float32)]
+    pool = [t.to(device, torch.float32) for t in random_state(4, NH, DK, DV)]
+    rows = torch.tensor([3, 1], device=device)
+    with pytest.raises(ValueError, match="int64"):
+        mlstm_chunkwise_planned(*x, pool, plan, state_rows=rows[:1])
+    with pytest.raises(ValueError, match="int64"):
+        mlstm_chunkwise_planned(*x, pool, plan, state_rows=rows.int())
+    with pytest.raises(ValueError, match="contiguous"):
+        mlstm_chunkwise_planned(*x, [pool[0].transpose(2, 3), *pool[1:]], plan, state_rows=rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_rows", [False, True], ids=["gathered_state", "pool_rows"])
+def test_planned_forward_reads_projection_views(dtype, with_rows, device, seed, make_inputs, random_state, rel_err,
+                                                pack_projection, unpack_projection):
+    """q, k, v and gates as the model's strided views of fused projections give the same result as
+    contiguous copies (no copy needed)."""
+    NH, DK, DV, T = 2, 16, 32, 64
+    layout = PackedLayout(3, T, chunk_size=16)
+    offs = _offsets([7, 30, 18])
+    x = [t.to(device) for t in make_inputs(1, NH, T, DK, DV, dtype, seed=seed)]
+    x[3:] = [t.float() for t in x[3:]]  # gates are fp32, as the model computes them
+    views = unpack_projection(*pack_projection(*x), NH, DK, DV)
+    assert all(torch.equal(a, b) for a, b in zip(views, x))
+    pool = [t.to(device) for t in random_state(4, NH, DK, DV, torch.float32, seed=seed + 1)]
+    rows = [2, 0, 3]
+    plan = _plan(layout, offs, device)
+    if with_rows:
+        state, kw = pool, {"state_rows": torch.tensor(rows, device=device)}
+    else:
+        state, kw = [t[rows] for t in pool], {}
+    h, st = mlstm_chunkwise_planned(*views, state, plan, **kw)
+    h_ref, st_ref = mlstm_chunkwise_planned(*x, state, plan, **kw)
+    used = offs[-1]
+    assert torch.isfinite(h[:, :, :used]).all()
+    assert torch.equal(h[:, :, :used], h_ref[:, :, :used])
+    assert all(torch.equal(a, b) for a, b in zip(st, st_ref))
+    for r in range(3):  # and right (a stride bug shared by both calls would pass the above)
+        a, e = offs[r], offs[r + 1]
+        h_or, _ = mlstm_recurrent(*(t[:, :, a:e].double().cpu() for t in x), [t[rows[r]:rows[r] + 1].double().cpu()
+                                                                             for t in pool])
+        assert rel_err(h[:, :, a:e].cpu(), h_or) < TOL[dtype], f"sequence {r}"
+
+
+class _AtenLog(TorchDispatchMode):
+    """Names of the aten ops run outside kernel launches (the CPU interpreter copies arguments around
+    inside a launch, which is not what a GPU launch does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_planned_forward_copies_nothing(device, seed, make_inputs, random_state, monkeypatch, pack_projection,
+                                        unpack_projection):
+    """Views of the projections and pool rows go to the kernels as they are: no copy, gather or cast
+    (each one would be a kernel launch per layer in the captured prefill)."""
+    NH, DK, DV, T = 2, 16, 32, 32
+    layout = PackedLayout(2, T, chunk_size=16)
+    plan = _plan(layout, [0, 9, 25], device)
+    x = [t.to(device) for t in make_inputs(1, NH, T, DK, DV, torch.bfloat16, seed=seed)]
+    x[3:] = [t.float() for t in x[3:]]
+    views = unpack_projection(*pack_projection(*x), NH, DK, DV)
+    pool = [t.to(device, torch.bfloat16) for t in random_state(5, NH, DK, DV, seed=seed + 1)]
+    rows = torch.tensor([4, 1], device=device)
+    log = _AtenLog()
+
+    def unlogged(real):
+        def run(*a, **kw):
+            log.paused = True
+            try:
+                return real(*a, **kw)
+            finally:
+                log.paused = False
+        return run
+
+    monkeypatch.setattr(chunkwise_fwd, "launch", unlogged(chunkwise_fwd.launch))
+    with log:
+        h, _ = mlstm_chunkwise_planned(*views, pool, plan, state_rows=rows)
+    assert torch.isfinite(h[:, :, :25]).all()
+    copies = [n for n in log.names if n in ("clone", "copy_", "_to_copy", "index_select", "gather", "index")]
+    assert not copies, f"copies outside the kernels: {copies} (all ops: {log.names})"
 
 
 def _runner(model, max_graph_prefill_tokens):

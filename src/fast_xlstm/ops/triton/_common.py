@@ -1,6 +1,7 @@
 """Helpers shared by the Triton mLSTM kernels: device-side math, dtype choices, sequence/chunk tables, launches.
 
-Layout conventions used by every kernel (all tensors contiguous):
+Layout conventions used by every kernel (all tensors contiguous, except that the forward kernels read
+q, k, v and the gates through their batch/head/position strides: see `chunkwise_fwd`):
   q, k [B, NH, S, DK]; v, h [B, NH, S, DV]; gates and per-position fp32 buffers [B, NH, S].
   A "sequence" r is a run of positions of one batch row: dense input has N = B sequences of length S,
   packed input (cu_seqlens, B = 1) has N sequences. `seq_base[r]` is the flat row index of the sequence's

@@ -18,19 +18,26 @@ from torch import Tensor
 from .._checks import MLSTMState, check_cu_seqlens, check_sequence_inputs, check_state
 from ._common import chunk_len, seq_tables, tl_dtype
 from .chunkwise_bwd import mlstm_chunkwise_bwd
-from .chunkwise_fwd import mlstm_chunkwise_fwd
+from .chunkwise_fwd import inner_contiguous, mlstm_chunkwise_fwd
 
 
-def _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size):
+def _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, *, contiguous: bool):
+    """Tables, chunk length and the inputs as the kernels take them: k, v in q's dtype; with
+    `contiguous` (the backward kernels) every input contiguous, else (the forward kernels, which read
+    strided views) q, k, v only with a contiguous last dim and the gates as given."""
     B, NH, S, DK = q.shape
     offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
     longest = S if offsets is None else max([b - a for a, b in zip(offsets, offsets[1:])] + [1])
     L = chunk_len(chunk_size, longest)
     tabs = seq_tables(B, NH, S, L, offsets, q.device)
     dt = q.dtype
-    q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
+    if contiguous:
+        q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
+        i, f = i.contiguous(), f.contiguous()
+    else:
+        q, k, v = (inner_contiguous(x.to(dt)) for x in (q, k, v))
     init = None if C0 is None else (C0.contiguous(), n0.contiguous(), m0.contiguous())
-    return q, k, v, i.contiguous(), f.contiguous(), init, tabs, L
+    return q, k, v, i, f, init, tabs, L
 
 
 def _num_seqs(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
@@ -60,7 +67,7 @@ def _chunkwise_fwd(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Op
                     z(N, NH, 1, dtype=torch.float32), q.new_empty(B, NH, 0, dtype=torch.float32))
         return (q.new_empty(B, NH, 0, DV), C0.float().clone(), n0.float().clone(), m0.float().clone(),
                 q.new_empty(B, NH, 0, dtype=torch.float32))
-    q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size)
+    q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, contiguous=False)
     h, (Cf, nf, mf), dsum = mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs, L, eps)
     return h, Cf, nf, mf.unsqueeze(-1), dsum
 
@@ -87,7 +94,7 @@ def chunkwise_bwd_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: 
         f32 = torch.float32
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), i.new_zeros(i.shape, dtype=f32),
                 f.new_zeros(f.shape, dtype=f32), dCf.float().clone(), dnf.float().clone(), dmf.float().clone())
-    q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size)
+    q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, contiguous=True)
     final = (Cf, nf, mf.squeeze(-1))
     dq, dk, dv, di, df, dC0, dn0, dm0 = mlstm_chunkwise_bwd(
         q, k, v, i, f, init, h, dsum, final, dh, dCf, dnf, dmf.squeeze(-1), tabs, L, eps)

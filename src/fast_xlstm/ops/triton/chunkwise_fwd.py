@@ -10,6 +10,10 @@
 The stabilizer follows the spec exactly (so eps enters at the same scale as in the reference):
   m_i = max(b_i + m_prev, max_{j<=i} (b_i - b_j + i~_j)) = b_i + max(m_prev, cummax_{j<=i}(i~_j - b_j)).
 Lengths, offsets and chunk counts are run-time values; only tile sizes and head dims are compiled in.
+
+q, k, v and the gates are read through their (batch, head, position) strides, so views such as the
+[B, NH, S, D] transpose of a fused [B, S, NH * D] projection need no copy (only the last dim of q, k, v
+must be contiguous). The buffers these kernels write (and the backward's inputs) stay contiguous.
 """
 
 from __future__ import annotations
@@ -21,16 +25,31 @@ import triton.language as tl
 from ._common import SeqTables, dot_dtypes, dotcast, launch, logsigmoid, pow2, rtne
 
 
-@triton.jit(do_not_specialize=["S"])  # one compiled variant for every length
-def _fwd_states_kernel(K, V, I, F, C0, N0, M0, CB, NB, MB, CF, NF, MF, BROW, MROW,
+@triton.jit
+def _seq_origin(SEQ_BASE, r, NH, S):
+    """(batch row, first position) of sequence r, from its flat base b * NH * S + start (int64 both)."""
+    base = tl.load(SEQ_BASE + r)
+    per_b = NH * S
+    return base // per_b, base % per_b
+
+
+# Batch and head strides of the gates depend on S for contiguous gates: not specialized, so one compiled
+# variant serves every length (q/k/v strides are multiples of the head dim: specialized, for aligned loads).
+@triton.jit(do_not_specialize=["S", "sib", "sih", "sfb", "sfh"])
+def _fwd_states_kernel(K, V, I, F, C0, N0, M0, STATE_ROWS, CB, NB, MB, CF, NF, MF, BROW, MROW,
                        SEQ_BASE, SEQ_LEN, CHUNK_OFF, NH, S, n_kt, n_vt,
+                       skb, skh, sks, svb, svh, svs, sib, sih, sis, sfb, sfh, sfs,
                        DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       HAS_INIT: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, IP: tl.constexpr):
+                       HAS_INIT: tl.constexpr, HAS_ROWS: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr,
+                       IP: tl.constexpr):
     """Chunk-start and final states.
 
-    K [B, NH, S, DK], V [B, NH, S, DV], I, F [B, NH, S]; C0 [N, NH, DK, DV], N0 [N, NH, DK], M0 [N, NH]
-    (any float dtype, read only if HAS_INIT). Writes CB [NCT, NH, DK, DV] (its dtype), NB [NCT, NH, DK],
-    MB [NCT, NH], CF [N, NH, DK, DV], NF [N, NH, DK], MF [N, NH], BROW/MROW [B, NH, S] (all fp32).
+    K [B, NH, S, DK], V [B, NH, S, DV] with strides (sxb, sxh, sxs, 1); I, F [B, NH, S] with strides
+    (sxb, sxh, sxs). Initial state (any float dtype, read only if HAS_INIT): C0 [P, NH, DK, DV],
+    N0 [P, NH, DK], M0 [P, NH] (or [P, NH, 1]), contiguous; sequence r starts from row STATE_ROWS[r]
+    (int64 [N]) if HAS_ROWS, else from row r (P = N). Writes CB [NCT, NH, DK, DV] (its dtype),
+    NB [NCT, NH, DK], MB [NCT, NH], CF [N, NH, DK, DV], NF [N, NH, DK], MF [N, NH], BROW/MROW [B, NH, S]
+    (all fp32, contiguous); never writes the initial state (padding sequences share its rows).
     """
     pid = tl.program_id(0)
     vt = pid % n_vt
@@ -38,7 +57,8 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, CB, NB, MB, CF, NF, MF, BROW, MRO
     rh = pid // (n_vt * n_kt)
     h = rh % NH
     r = rh // NH
-    row0 = tl.load(SEQ_BASE + r) + h.to(tl.int64) * S
+    bq, t0 = _seq_origin(SEQ_BASE, r, NH, S)
+    row0 = tl.load(SEQ_BASE + r) + h.to(tl.int64) * S  # flat [B, NH, S] row of the fp32 buffers
     seqlen = tl.load(SEQ_LEN + r)
     c0 = tl.load(CHUNK_OFF + r).to(tl.int64)
     nc = tl.cdiv(seqlen, L)
@@ -51,10 +71,19 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, CB, NB, MB, CF, NF, MF, BROW, MRO
     first_kv = (kt == 0) & (vt == 0)
     tile = dk[:, None] * DV + dv[None, :]
     rh64 = r.to(tl.int64) * NH + h
+    h64 = h.to(tl.int64)
+    k_ptr = K + bq * skb + h64 * skh
+    v_ptr = V + bq * svb + h64 * svh
+    i_ptr = I + bq * sib + h64 * sih
+    f_ptr = F + bq * sfb + h64 * sfh
     if HAS_INIT:
-        C = tl.load(C0 + rh64 * (DK * DV) + tile, mask=mkv, other=0.0).to(tl.float32)
-        n = tl.load(N0 + rh64 * DK + dk, mask=mk, other=0.0).to(tl.float32)
-        m = tl.load(M0 + rh64).to(tl.float32)
+        if HAS_ROWS:
+            sh64 = tl.load(STATE_ROWS + r).to(tl.int64) * NH + h  # a pool row, read in place
+        else:
+            sh64 = rh64
+        C = tl.load(C0 + sh64 * (DK * DV) + tile, mask=mkv, other=0.0).to(tl.float32)
+        n = tl.load(N0 + sh64 * DK + dk, mask=mk, other=0.0).to(tl.float32)
+        m = tl.load(M0 + sh64).to(tl.float32)
     else:
         C = tl.zeros([BK, BV], dtype=tl.float32)
         n = tl.zeros([BK], dtype=tl.float32)
@@ -71,9 +100,10 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, CB, NB, MB, CF, NF, MF, BROW, MRO
         pos = j * L + t
         valid = pos < seqlen
         rows = row0 + pos
+        tok = t0 + pos  # position in the batch row, for the strided inputs
         # Positions past the sequence end can neither add (i = -inf) nor decay (log f = 0).
-        ig = tl.load(I + rows, mask=valid, other=float("-inf")).to(tl.float32)
-        lf = tl.where(valid, logsigmoid(tl.load(F + rows, mask=valid, other=0.0).to(tl.float32)), 0.0)
+        ig = tl.load(i_ptr + tok * sis, mask=valid, other=float("-inf")).to(tl.float32)
+        lf = tl.where(valid, logsigmoid(tl.load(f_ptr + tok * sfs, mask=valid, other=0.0).to(tl.float32)), 0.0)
         b = tl.cumsum(lf, 0)
         g = tl.sum(lf, 0)
         a = (tl.cumsum(lf, 0, reverse=True) - lf) + ig  # log weight of k_j v_j^T at the chunk end
@@ -91,8 +121,9 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, CB, NB, MB, CF, NF, MF, BROW, MRO
         # The chunk's k v^T sum is scaled by its own max, so the product does not wait for the running m
         # (only a scalar rescale and an FMA on C sit on the loop-carried path).
         w = tl.where(valid, tl.exp(a - a_max), 0.0)
-        kk = tl.load(K + rows[:, None] * DK + dk[None, :], mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        vv = tl.load(V + rows[:, None] * DV + dv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
+        kk = tl.load(k_ptr + tok[:, None] * sks + dk[None, :], mask=valid[:, None] & mk[None, :],
+                     other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + tok[:, None] * svs + dv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
         kw = kk * w[:, None]
         kv = tl.dot(tl.trans(dotcast(kw, IN_DT, DOT_DT)), dotcast(vv, IN_DT, DOT_DT), input_precision=IP)
         decay = tl.exp(g + m - m_new)
@@ -106,15 +137,17 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, CB, NB, MB, CF, NF, MF, BROW, MRO
     tl.store(MF + rh64, m, mask=first_kv)
 
 
-@triton.jit(do_not_specialize=["S"])  # one compiled variant for every length
+@triton.jit(do_not_specialize=["S", "sib", "sih"])  # one compiled variant for every length
 def _fwd_out_kernel(Q, K, V, I, CB, NB, MB, BROW, MROW, H, DSUM,
                     SEQ_BASE, SEQ_LEN, CHUNK_SEQ, CHUNK_J, NH, S, n_vt, scale, eps,
+                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sib, sih, sis,
                     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     IN_DT: tl.constexpr, DOT_DT: tl.constexpr, IP: tl.constexpr):
     """Outputs of one chunk for one DV tile.
 
-    Reads the buffers written by `_fwd_states_kernel`; writes H [B, NH, S, DV] (its dtype) and
-    DSUM [B, NH, S] fp32 (the signed normalizer sum before max/abs, kept for the backward).
+    Q, K [B, NH, S, DK], V [B, NH, S, DV] with strides (sxb, sxh, sxs, 1), I [B, NH, S] with strides
+    (sib, sih, sis); reads the buffers written by `_fwd_states_kernel`. Writes H [B, NH, S, DV] (its dtype)
+    and DSUM [B, NH, S] fp32 (the signed normalizer sum before max/abs, kept for the backward), contiguous.
     """
     pid = tl.program_id(0)
     vt = pid % n_vt
@@ -125,12 +158,18 @@ def _fwd_out_kernel(Q, K, V, I, CB, NB, MB, BROW, MROW, H, DSUM,
     seqlen = tl.load(SEQ_LEN + r)
     t = tl.arange(0, L)
     valid = j * L + t < seqlen
-    rows = tl.load(SEQ_BASE + r) + h.to(tl.int64) * S + j * L + t
+    rows = tl.load(SEQ_BASE + r) + h.to(tl.int64) * S + j * L + t  # flat [B, NH, S] rows of the fp32 buffers
+    bq, t0 = _seq_origin(SEQ_BASE, r, NH, S)
+    tok = t0 + j * L + t  # positions in the batch row, for the strided inputs
+    h64 = h.to(tl.int64)
+    q_ptr = Q + bq * sqb + h64 * sqh
+    k_ptr = K + bq * skb + h64 * skh
+    v_ptr = V + bq * svb + h64 * svh
     ch = c.to(tl.int64) * NH + h
 
     b = tl.load(BROW + rows, mask=valid, other=0.0)
     mq = tl.load(MROW + rows, mask=valid, other=0.0)
-    ig = tl.load(I + rows, mask=valid, other=float("-inf")).to(tl.float32)
+    ig = tl.load(I + bq * sib + h64 * sih + tok * sis, mask=valid, other=float("-inf")).to(tl.float32)
     m_prev = tl.load(MB + ch)
 
     dv = vt * BV + tl.arange(0, BV)
@@ -142,8 +181,8 @@ def _fwd_out_kernel(Q, K, V, I, CB, NB, MB, BROW, MROW, H, DSUM,
         dk = k0 + tl.arange(0, BK)
         mk = dk < DK
         mqk = valid[:, None] & mk[None, :]
-        qq = tl.load(Q + rows[:, None] * DK + dk[None, :], mask=mqk, other=0.0)
-        kk = tl.load(K + rows[:, None] * DK + dk[None, :], mask=mqk, other=0.0)
+        qq = tl.load(q_ptr + tok[:, None] * sqs + dk[None, :], mask=mqk, other=0.0)
+        kk = tl.load(k_ptr + tok[:, None] * sks + dk[None, :], mask=mqk, other=0.0)
         cc = tl.load(CB + ch * (DK * DV) + dk[:, None] * DV + dv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         nn = tl.load(NB + ch * DK + dk, mask=mk, other=0.0)
         qd = dotcast(qq, IN_DT, DOT_DT)
@@ -156,7 +195,7 @@ def _fwd_out_kernel(Q, K, V, I, CB, NB, MB, BROW, MROW, H, DSUM,
     log_d = tl.where(causal, b[:, None] - b[None, :] + ig[None, :] - mq[:, None], float("-inf"))
     p = acc_s * scale * tl.exp(log_d)
     dsum = beta * scale * qn + tl.sum(p, 1)
-    vv = tl.load(V + rows[:, None] * DV + dv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
+    vv = tl.load(v_ptr + tok[:, None] * svs + dv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
     acc_h = acc_h * (beta * scale)[:, None] + tl.dot(dotcast(p, IN_DT, DOT_DT), dotcast(vv, IN_DT, DOT_DT),
                                                       input_precision=IP)
     den = tl.maximum(tl.abs(dsum), tl.exp(-mq)) + eps
@@ -179,9 +218,44 @@ def _out_cfgs(DK: int, DV: int, L: int) -> list[dict]:
             dict(BK=min(bk, 32), BV=min(bv, 32), num_warps=4, num_stages=1)]
 
 
-def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dtype):
+def seq_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, position) strides of q/k/v [B, NH, S, D] (last dim contiguous) or gates [B, NH, S]."""
+    if x.dim() == 4 and x.stride(-1) != 1 and x.shape[-1] > 1:
+        raise ValueError(f"the kernels need the last dim contiguous, got strides {x.stride()}")
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def inner_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x [B, NH, S, D] as is when its last dim is contiguous (the kernels read it through its strides),
+    else a contiguous copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _pool_view(init, N: int, NH: int, state_rows: torch.Tensor | None):
+    """The initial state as the kernel reads it: (C0, N0, M0) contiguous, or the given tensors unchanged
+    when `state_rows` picks rows of a pool (a copy of a pool would cost a kernel and the pool's memory)."""
+    if state_rows is None:
+        return tuple(x.contiguous() for x in init)
+    if init is None:
+        raise ValueError("state_rows needs an initial state (the pool) to pick rows from")
+    if not all(x.is_contiguous() for x in init):
+        raise ValueError("a state pool read through state_rows must be contiguous")
+    if state_rows.dtype != torch.int64 or state_rows.dim() != 1 or state_rows.shape[0] < N:
+        raise ValueError(f"state_rows must be int64 [{N}] (one pool row per sequence), got "
+                         f"{state_rows.dtype} {tuple(state_rows.shape)}")
+    if init[0].shape[1] != NH:
+        raise ValueError(f"the pool holds {init[0].shape[1]} heads, the inputs {NH}")
+    return tuple(init)
+
+
+def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dtype,
+               state_rows: torch.Tensor | None = None):
     """Runs kernel 1 (also re-run by the backward). init: (C0, N0, M0) or None.
 
+    k [B, NH, S, DK], v [B, NH, S, DV] with contiguous last dims, i, f [B, NH, S], any strides.
+    init: (C0 [N, NH, DK, DV], N0 [N, NH, DK], M0 [N, NH] or [N, NH, 1]); with `state_rows` (int64 [N]
+    on the device), a contiguous pool (C0 [P, NH, DK, DV], N0 [P, NH, DK], M0 [P, NH, 1]) of which
+    sequence r reads row state_rows[r] in place (the pool is never written).
     Returns CB [NCT, NH, DK, DV] (state_dtype), NB [NCT, NH, DK], MB [NCT, NH] (chunk-start states),
     (CF, NF, MF [N, NH]) final state, BROW, MROW [B, NH, S]; all fp32 unless said.
     """
@@ -199,22 +273,29 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
     MROW = torch.zeros(B, NH, S, device=dev, dtype=f32)
     in_dt, dot_dt, ip = dot_dtypes(k.dtype)
     has_init = init is not None
-    C0, N0, M0 = (x.contiguous() for x in init) if has_init else (CF, NF, MF)  # else: never read
+    has_rows = state_rows is not None
+    C0, N0, M0 = _pool_view(init, tabs.N, NH, state_rows) if has_init else (CF, NF, MF)  # else: never read
+    rows = state_rows if has_rows else tabs.seq_base  # a placeholder pointer when there is no row table
+    strides = (*seq_strides(k), *seq_strides(v), *seq_strides(i), *seq_strides(f))
 
     def grid(cfg):
         return (tabs.N * NH * triton.cdiv(DK, cfg["BK"]) * triton.cdiv(DV, cfg["BV"]),)
 
     def args_for(cfg):
-        return (k, v, i, f, C0, N0, M0, CB, NB, MB, CF, NF, MF, BROW, MROW, tabs.seq_base, tabs.seq_len,
-                tabs.chunk_off, NH, S, triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), DK, DV, L)
+        return (k, v, i, f, C0, N0, M0, rows, CB, NB, MB, CF, NF, MF, BROW, MROW, tabs.seq_base, tabs.seq_len,
+                tabs.chunk_off, NH, S, triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), *strides, DK, DV, L)
 
     launch(_fwd_states_kernel, grid, args_for, _state_cfgs(DK, DV),
-           dict(HAS_INIT=has_init, IN_DT=in_dt, DOT_DT=dot_dt, IP=ip), key=(DK, DV, L, k.dtype, state_dtype, has_init))
+           dict(HAS_INIT=has_init, HAS_ROWS=has_rows, IN_DT=in_dt, DOT_DT=dot_dt, IP=ip),
+           key=(DK, DV, L, k.dtype, state_dtype, has_init, has_rows))
     return CB, NB, MB, (CF, NF, MF), BROW, MROW
 
 
 def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: float):
-    """Runs kernel 2. Returns h [B, NH, S, DV] in q's dtype and dsum [B, NH, S] fp32."""
+    """Runs kernel 2 (q, k, v with contiguous last dims, i any strides).
+
+    Returns h [B, NH, S, DV] in q's dtype and dsum [B, NH, S] fp32, both contiguous.
+    """
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     h = torch.empty(B, NH, S, DV, device=q.device, dtype=q.dtype)
@@ -222,13 +303,14 @@ def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: fl
     if tabs.NCT == 0:
         return h, dsum
     in_dt, dot_dt, ip = dot_dtypes(q.dtype)
+    strides = (*seq_strides(q), *seq_strides(k), *seq_strides(v), *seq_strides(i))
 
     def grid(cfg):
         return (tabs.NCT * triton.cdiv(DV, cfg["BV"]), NH)
 
     def args_for(cfg):
         return (q, k, v, i, CB, NB, MB, BROW, MROW, h, dsum, tabs.seq_base, tabs.seq_len, tabs.chunk_seq,
-                tabs.chunk_j, NH, S, triton.cdiv(DV, cfg["BV"]), DK ** -0.5, eps, DK, DV, L)
+                tabs.chunk_j, NH, S, triton.cdiv(DV, cfg["BV"]), DK ** -0.5, eps, *strides, DK, DV, L)
 
     launch(_fwd_out_kernel, grid, args_for, _out_cfgs(DK, DV, L), dict(IN_DT=in_dt, DOT_DT=dot_dt, IP=ip),
            key=(DK, DV, L, q.dtype, CB.dtype))
@@ -241,9 +323,12 @@ def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else dtype
 
 
-def mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float):
-    """Forward on contiguous inputs. Returns h, (CF, NF, MF [N, NH]) fp32 and dsum [B, NH, S] fp32."""
-    CB, NB, MB, final, BROW, MROW = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype))
+def mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float,
+                        state_rows: torch.Tensor | None = None):
+    """Forward on q, k, v [B, NH, S, D*] with contiguous last dims and gates [B, NH, S] (any strides);
+    init and state_rows: see `run_states`. Returns h [B, NH, S, DV] (contiguous), (CF, NF, MF [N, NH])
+    fp32 and dsum [B, NH, S] fp32."""
+    CB, NB, MB, final, BROW, MROW = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype), state_rows)
     h, dsum = run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs, L, eps)
     return h, final, dsum
 

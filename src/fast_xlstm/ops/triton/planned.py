@@ -22,7 +22,7 @@ import triton
 
 from .._checks import MLSTMState
 from ._common import SeqTables, chunk_len
-from .chunkwise_fwd import mlstm_chunkwise_fwd
+from .chunkwise_fwd import inner_contiguous, mlstm_chunkwise_fwd
 
 _NOWHERE = 1 << 24  # a chunk index past any sequence (positions j * L + t >= seq_len: all masked)
 
@@ -102,16 +102,21 @@ class PackedPlan:
 
 
 def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-                            initial_state: MLSTMState, plan: PackedPlan, *, eps: float = 1e-6
-                            ) -> tuple[torch.Tensor, MLSTMState]:
+                            initial_state: MLSTMState, plan: PackedPlan, *, eps: float = 1e-6,
+                            state_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
     """Inference forward of packed sequences described by `plan` (no autograd, no host sync).
 
-    q, k [1, NH, T, DK]; v [1, NH, T, DV]; i, f [1, NH, T]; initial_state (C [N, NH, DK, DV],
-    n [N, NH, DK], m [N, NH, 1]) with N = plan's max_seqs, any float dtype. Positions outside the
-    plan's sequences get unspecified h. Returns h [1, NH, T, DV] in q's dtype and the final state (fp32).
+    q, k [1, NH, T, DK]; v [1, NH, T, DV]; i, f [1, NH, T]. Views are read in place (no copies): q, k, v
+    need only a contiguous last dim (e.g. the [1, NH, T, D] transpose of a [1, T, NH * D] projection),
+    the gates any strides. initial_state (any float dtype): without `state_rows`, (C [N, NH, DK, DV],
+    n [N, NH, DK], m [N, NH, 1]) with N = plan's max_seqs; with `state_rows` (int64 [N] on the device),
+    a contiguous state pool (C [P, NH, DK, DV], n [P, NH, DK], m [P, NH, 1]) from which sequence r
+    starts at row state_rows[r], read by the kernel (no gather); the pool is not modified.
+    Positions outside the plan's sequences get unspecified h. Returns h [1, NH, T, DV] in q's dtype
+    (contiguous) and the final state [N, ...] (fp32).
     """
     dt = q.dtype
-    q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
-    init = tuple(x.contiguous() for x in initial_state)
-    h, (Cf, nf, mf), _ = mlstm_chunkwise_fwd(q, k, v, i.contiguous(), f.contiguous(), init, plan.tables, plan.L, eps)
+    q, k, v = (inner_contiguous(x.to(dt)) for x in (q, k, v))
+    init = tuple(initial_state)
+    h, (Cf, nf, mf), _ = mlstm_chunkwise_fwd(q, k, v, i, f, init, plan.tables, plan.L, eps, state_rows=state_rows)
     return h, (Cf, nf, mf.unsqueeze(-1))
