@@ -121,6 +121,9 @@ def make_batch(args: argparse.Namespace, vocab: int, device: torch.device, gen: 
 
 
 def git_commit() -> str:
+    """$FAST_XLSTM_COMMIT when set (a copied working tree may carry stale git metadata), else git's HEAD."""
+    if os.environ.get("FAST_XLSTM_COMMIT"):
+        return os.environ["FAST_XLSTM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
