@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch._inductor.utils import run_and_get_code
 
 from fast_xlstm.model.mlstm import _linear_fp32
+
+
+def run_and_get_code(fn, *args):
+    """torch._inductor's helper, imported when a test runs: importing inductor imports Triton, and
+    Triton must first be imported under TRITON_INTERPRET by tests/ops/triton (collected later)."""
+    from torch._inductor.utils import run_and_get_code as run
+
+    return run(fn, *args)
 
 
 def _gate(d: int, out: int, seed: int) -> nn.Linear:
