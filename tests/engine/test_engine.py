@@ -176,3 +176,20 @@ def test_engine_warm_up_then_same_outputs_and_free_slots():
     llm.engine.add_request("queued", params)
     with pytest.raises(RuntimeError, match="idle engine"):
         llm.engine.warm_up()
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 6])
+def test_async_scheduling_launches_no_step_past_max_tokens(max_tokens):
+    """A request the step in flight brings to max_tokens is not launched again: max_tokens - 1
+    decode steps (the first token comes from prefill), the same tokens as synchronous steps."""
+    outs = {}
+    for mode in (False, True):
+        llm = LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=2, async_scheduling=mode)
+        launches = []
+        launch = llm.engine.runner.decode_launch
+        llm.engine.runner.decode_launch = lambda slots, m, _f=launch: launches.append(len(slots)) or _f(slots, m)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        outs[mode] = [o.token_ids for o in llm.generate(PROMPTS[:2], params, use_tqdm=False)]
+        if mode:
+            assert sum(launches) == 2 * (max_tokens - 1), launches
+    assert outs[True] == outs[False] and all(len(t) == max_tokens for t in outs[True])

@@ -77,26 +77,32 @@ def test_session_resumes_and_matches_a_full_prefill(models):
 
 
 def test_async_scheduling_sessions_and_prefix_cache_match_plain(models):
-    """With each decode launched before the previous one is read, a finished request's kept state
-    has consumed its last token too (the launched step fed it): the session says so, and the
-    next turn still equals a full prefill; prefix-cached outputs equal plain ones."""
+    """With each decode launched before the previous one is read: a request that stops on a stop
+    token is seen one step late, so its kept state has consumed that token too (the launched step
+    fed it) and the session says so; one that reaches max_tokens is foreseen and not launched
+    again, so its state stops before its last token, as in synchronous steps. Either way the next
+    turn equals a full prefill, and prefix-cached outputs equal plain ones."""
     _, plain = models
     llm = LLM("xlstm-tiny", device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=64,
               prefix_block=8, async_scheduling=True)
     eng = llm.engine
     first = llm.tokenizer.encode("User: tell me a story\nAssistant:")
-    rid = eng.add_request(first, GREEDY, session_id="s1")
-    other = eng.add_request(llm.tokenizer.encode("Another request, to keep the batch busy"),
-                            SamplingParams(temperature=0, max_tokens=20))
-    done = _drain(eng)
-    out1 = done[rid]
-    assert len(done[other].output.token_ids) == 20
-    assert eng.get_session("s1").tokens == first + out1.output.token_ids
-    turn2 = first + out1.output.token_ids + llm.tokenizer.encode("\nUser: and then?\nAssistant:", add_bos=False)
-    rid2 = eng.add_request(turn2, GREEDY, session_id="s1")
-    out2 = _drain(eng)[rid2]
-    assert out2.num_cached_tokens == len(first) + len(out1.output.token_ids)
-    assert out2.output.token_ids == plain.generate([turn2], GREEDY, use_tqdm=False)[0].token_ids
+    free_run = plain.generate([first], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].token_ids
+    cut = next(j for j in range(3, 12) if free_run[j] not in free_run[:j])  # a token seen there first
+    by_stop = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[free_run[cut]])
+    for sid, params, kept in (("s1", by_stop, cut + 1), ("s2", GREEDY, GREEDY.max_tokens - 1)):
+        rid = eng.add_request(first, params, session_id=sid)
+        other = eng.add_request(llm.tokenizer.encode("Another request, to keep the batch busy"),
+                                SamplingParams(temperature=0, max_tokens=20))
+        done = _drain(eng)
+        out1 = done[rid].output.token_ids
+        assert len(done[other].output.token_ids) == 20
+        assert eng.get_session(sid).tokens == first + out1[:kept], sid
+        turn2 = first + out1 + llm.tokenizer.encode("\nUser: and then?\nAssistant:", add_bos=False)
+        rid2 = eng.add_request(turn2, GREEDY, session_id=sid)
+        out2 = _drain(eng)[rid2]
+        assert out2.num_cached_tokens == len(first) + kept, sid
+        assert out2.output.token_ids == plain.generate([turn2], GREEDY, use_tqdm=False)[0].token_ids
     prompts = ["You are a careful assistant, answer briefly. " * 2 + q for q in ("Why?", "How?", "Who?")]
     assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == \
         [o.token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]

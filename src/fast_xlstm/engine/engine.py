@@ -224,6 +224,11 @@ class LLMEngine:
         """Launches this step's decode, then reads and reports the previous step's while it runs."""
         t0 = time.perf_counter()
         launched = None
+        # A request that the step in flight brings to max_tokens is done: launching it again would
+        # compute a token only to drop it, and keep the device busy when the next request's prefill
+        # comes (the latency of sequential requests). Stops on EOS or stop strings stay one step late.
+        in_flight = {id(r) for r in self._inflight[0]} if self._inflight is not None else set()
+        reqs = [r for r in reqs if len(r.tracker.out.token_ids) + (id(r) in in_flight) < r.params.max_tokens]
         if reqs:
             mode = DecodeMode.of([r.params for r in reqs])
             launched = (reqs, self.runner.decode_launch([r.slot for r in reqs], mode))
