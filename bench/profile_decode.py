@@ -61,6 +61,15 @@ def kernel_table(prof, steps: int) -> dict:
             "top": [{"name": n[:120], "us": us, "calls_per_step": count[n] / steps} for n, us in top]}
 
 
+def print_kernels(head: str, row: dict) -> None:
+    """One line of totals per kind, then the top kernels of a `kernel_table` row."""
+    kinds = sorted(row["by_kind_us"].items(), key=lambda kv: -kv[1])
+    print(f"{head}; kernels {row['total_us']:.0f} us in {row['kernels_per_step']:.0f} launches; by kind "
+          + ", ".join(f"{k} {v:.0f}" for k, v in kinds))
+    for t in row["top"][:12]:
+        print(f"   {t['us']:8.1f} us  x{t['calls_per_step']:5.1f}  {t['name']}")
+
+
 def replay_ms(fn, n: int = 30) -> float:
     fn()
     torch.cuda.synchronize()
@@ -112,11 +121,7 @@ def main() -> None:
         row = {"batch": b, "ms_per_step": ms, "tok_s": 1e3 * b / ms, "bytes_per_step": moved,
                "gb_s": moved / ms / 1e6, **kernel_table(prof, 10)}
         report["decode"].append(row)
-        print(f"decode B{b}: {ms:.3f} ms/step ({row['tok_s']:.0f} tok/s), {row['gb_s']:.0f} GB/s; kernels "
-              f"{row['total_us']:.0f} us/step in {row['kernels_per_step']:.0f} launches; by kind "
-              + ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["by_kind_us"].items(), key=lambda kv: -kv[1])))
-        for t in row["top"][:12]:
-            print(f"   {t['us']:8.1f} us  x{t['calls_per_step']:5.1f}  {t['name']}")
+        print_kernels(f"decode B{b}: {ms:.3f} ms/step ({row['tok_s']:.0f} tok/s), {row['gb_s']:.0f} GB/s", row)
         print("   first kernels of a step, in order: " + " | ".join(row["sequence"][:30]))
     for n in args.prefill:
         runner.start_request(0, [], GREEDY, seed=0)
@@ -132,11 +137,7 @@ def main() -> None:
             torch.cuda.synchronize()
         row = {"tokens": n, "ms": ms, **kernel_table(prof, 5)}
         report["prefill"].append(row)
-        print(f"prefill {n} tokens: {ms:.2f} ms wall; kernels {row['total_us']:.0f} us in "
-              f"{row['kernels_per_step']:.0f} launches; by kind "
-              + ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["by_kind_us"].items(), key=lambda kv: -kv[1])))
-        for t in row["top"][:12]:
-            print(f"   {t['us']:8.1f} us  x{t['calls_per_step']:5.1f}  {t['name']}")
+        print_kernels(f"prefill {n} tokens: {ms:.2f} ms wall", row)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
