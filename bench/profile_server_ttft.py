@@ -4,10 +4,15 @@ Runs `create_app` under uvicorn in a thread of this process, sends streaming com
 prompts share a `--shared`-token prefix plus `--own` tokens (token ids, logprobs on, as the serve
 benchmark does), and times each request's phases with wrappers around the engine thread's work:
 
-  send->add    request sent -> the engine thread starts adding it (HTTP, JSON, validation, queue)
+  send->asgi   request sent -> the app's first middleware has it (client send, socket, HTTP parsing)
+  asgi->route  -> the completions route runs (body read, JSON and pydantic validation, dependencies)
+  route->put   -> the route hands the engine requests to the engine thread's queue
+  put->add     -> the engine thread starts adding them (thread wake-up)
   add          the engine's add_request
   add->step    added -> the engine step that prefills it starts
-  step         that step (prefill of the own tokens from the cached prefix state, first token)
+  step.pre     that step, before the runner's prefill (scheduling, admission, prefix restore)
+  step.prefill the runner's prefill (64 tokens from the cached prefix state) and first-token sampling
+  step.post    the rest of the step (outputs, detokenizing)
   step->pub    step end -> its outputs handed to the event loop
   pub->client  handed over -> the first SSE event read by the client (SSE encoding, socket)
 
@@ -19,7 +24,9 @@ Same model build as `fast-xlstm serve` (`LLM(preset)`), so the figures match a r
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import queue
 import statistics
 import threading
 import time
@@ -29,33 +36,51 @@ import torch
 import uvicorn
 
 from fast_xlstm.engine import engine as engine_module
+from fast_xlstm.engine import runner as runner_module
 from fast_xlstm.llm import LLM
-from fast_xlstm.server import async_engine
+from fast_xlstm.server import api, async_engine, limits
 from fast_xlstm.server.api import create_app
 from fast_xlstm.server.config import ServerConfig
 
-PHASES = ("send->add", "add", "add->step", "step", "step->pub", "pub->client", "ttft")
+PHASES = ("send->asgi", "asgi->route", "route->put", "put->add", "add", "add->step", "step.pre", "step.prefill",
+          "step.post", "step->pub", "pub->client", "ttft")
 _events: list[tuple[str, float, float]] = []
 
 
-def _timed(cls: type, name: str) -> None:
-    """Wraps cls.name so each call appends (name, start, end) to the event log."""
+def _timed(cls: type, name: str, label: str | None = None) -> None:
+    """Wraps cls.name (sync or async) so each call appends (label, start, end) to the event log."""
     inner = getattr(cls, name)
-
-    def wrapper(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = inner(self, *args, **kwargs)
-        _events.append((name, t0, time.perf_counter()))
-        return out
+    label = label or name
+    if asyncio.iscoroutinefunction(inner):
+        async def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            _events.append((label + ".enter", t0, t0))
+            out = await inner(*args, **kwargs)
+            _events.append((label, t0, time.perf_counter()))
+            return out
+    else:
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            _events.append((label, t0, time.perf_counter()))
+            return out
 
     setattr(cls, name, wrapper)
 
 
+class _QueueProbe(queue.SimpleQueue):
+    """The engine front's command queue, with `put` timed (SimpleQueue's methods cannot be patched)."""
+
+
 def phases(t_send: float, t_first: float) -> tuple[float, ...]:
-    first = {n: next(e for e in _events if e[0] == n) for n in ("_add", "step", "_publish")}
-    add, step, pub = first["_add"], first["step"], first["_publish"]
-    ms = [add[1] - t_send, add[2] - add[1], step[1] - add[2], step[2] - step[1], pub[2] - step[2],
-          t_first - pub[2], t_first - t_send]
+    first = {}
+    for n in ("asgi.enter", "route.enter", "put", "_add", "step", "prefill", "_publish"):
+        first[n] = next(e for e in _events if e[0] == n)
+    asgi, route, put, add = first["asgi.enter"], first["route.enter"], first["put"], first["_add"]
+    step, prefill, pub = first["step"], first["prefill"], first["_publish"]
+    ms = [asgi[1] - t_send, route[1] - asgi[1], put[1] - route[1], add[1] - put[1], add[2] - add[1],
+          step[1] - add[2], prefill[1] - step[1], prefill[2] - prefill[1], step[2] - prefill[2],
+          pub[2] - step[2], t_first - pub[2], t_first - t_send]
     return tuple(1e3 * x for x in ms)
 
 
@@ -71,9 +96,16 @@ def main() -> None:
     args = ap.parse_args()
     llm = LLM(args.model, max_num_seqs=8, compile_decode=args.compile, compile_prefill=args.compile)
     _timed(engine_module.LLMEngine, "step")
+    _timed(runner_module.ModelRunner, "prefill")
     _timed(async_engine.AsyncEngine, "_add")
     _timed(async_engine.AsyncEngine, "_publish")
+    _timed(limits.BodySizeLimit, "__call__", "asgi")  # the app's outermost own layer
+    _timed(api, "create_completion", "route")  # looked up by the route at call time
+    _timed(_QueueProbe, "put")
+    _swap_queue = async_engine.queue.SimpleQueue
+    async_engine.queue.SimpleQueue = _QueueProbe  # the engine front's command queue, made below
     app = create_app(llm.engine, llm.tokenizer, ServerConfig(model_names=["m"]))
+    async_engine.queue.SimpleQueue = _swap_queue
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:

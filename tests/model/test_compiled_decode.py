@@ -1,4 +1,5 @@
-"""Compiled decode: the fp32 gate projection (one fused reduction) and the block step (no residual addmm)."""
+"""Compiled decode and short prefill: the fp32 gate projection (one fused reduction) and the block step
+(no residual addmm)."""
 
 from __future__ import annotations
 
@@ -41,14 +42,32 @@ def test_compiled_decode_gate_projection_is_one_reduction_and_exact_to_fp32():
     assert "extern_kernels.mm" not in src and "extern_kernels.addmm" not in src, "expected a fused reduction"
 
 
-def test_prefill_shaped_gate_projection_keeps_the_gemm():
+def test_prefill_gate_projection_is_a_reduction_when_short_and_a_gemm_when_long():
+    """[1, T, d] prefill input: short prefills (the latency path) fuse like decode; long ones keep
+    the GEMM (each output row of the reduction re-reads x). Under dynamic shapes the row count is a
+    guard, so one compiled function serves both sides, each exact to fp64."""
+    from fast_xlstm.model.mlstm import GATE_REDUCTION_MAX_ROWS
+
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    lin = _gate(64, 8, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    short = torch.randn(1, 12, 64, generator=g)
+    long = torch.randn(1, GATE_REDUCTION_MAX_ROWS + 44, 64, generator=g)
+    for x, fused in ((short, True), (long, False)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            _, code = run_and_get_code(torch.compile(lambda u: _linear_fp32(u, lin), fullgraph=True), x)
+        src = "\n".join(code)
+        has_gemm = "extern_kernels" in src and ("mm(" in src or "addmm(" in src)
+        assert has_gemm != fused, f"T={x.shape[1]}: expected {'a fused reduction' if fused else 'the GEMM'}"
     torch._dynamo.reset()
-    lin = _gate(64, 8, 0)
-    x = torch.randn(1, 12, 64)  # [1, T, d]: prefill's shape; the product form would hold T x out x d
-    with torch.no_grad():
-        _, code = run_and_get_code(torch.compile(lambda u: _linear_fp32(u, lin), fullgraph=True), x)
-    src = "\n".join(code)
-    assert "extern_kernels" in src and ("mm(" in src or "addmm(" in src)
+    fn = torch.compile(lambda u: _linear_fp32(u, lin), fullgraph=True, dynamic=True)
+    for x in (short, long, torch.randn(1, 40, 64, generator=g)):
+        ref = nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+        with torch.no_grad():
+            got = fn(x)
+        assert got.dtype == torch.float32 and not torch.isnan(got).any()
+        assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
 
 
 def test_compiled_block_decode_step_has_no_residual_addmm_and_equals_eager():

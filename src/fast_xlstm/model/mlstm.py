@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,15 +17,23 @@ if TYPE_CHECKING:  # the Triton package is imported only where the kernels run
     from ..ops.triton import PackedPlan
 
 
+# Most rows (tokens) for which a compiled gate projection is a fused reduction rather than a GEMM.
+GATE_REDUCTION_MAX_ROWS = 256
+
+
 def _linear_fp32(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     """A gate projection in fp32 (a no-op cast when the loader kept the gate weights in fp32).
 
-    x [..., d] -> [..., out]. Compiled for decode (x [B, d], a few output rows), it is written as a
-    product and a sum: inductor fuses the upcast, products and sum into one reduction kernel, where
-    an fp32 GEMM call costs three (upcast copy, SIMT GEMM, split-K reduce) per layer per step.
+    x [..., d] -> [..., out]. Compiled for decode or a short prefill (at most
+    `GATE_REDUCTION_MAX_ROWS` rows, a few output rows), it is written as a product and a sum:
+    inductor fuses the upcast, products, sum and the caller's soft cap into one reduction kernel,
+    where an fp32 GEMM call costs three (upcast copy, SIMT GEMM, split-K reduce) per layer. Each
+    output row re-reads x, so long prefills keep the GEMM. With dynamic shapes the row test becomes
+    a guard: one compiled variant each side of it.
     """
-    if torch.compiler.is_compiling() and x.dim() == 2 and lin.out_features <= 64:
-        return (x.float()[:, None, :] * lin.weight.float()[None]).sum(-1) + lin.bias.float()
+    rows = math.prod(x.shape[:-1])
+    if torch.compiler.is_compiling() and lin.out_features <= 64 and rows <= GATE_REDUCTION_MAX_ROWS:
+        return (x.float()[..., None, :] * lin.weight.float()).sum(-1) + lin.bias.float()
     return nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
 
 

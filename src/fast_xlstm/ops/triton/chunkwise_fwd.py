@@ -249,7 +249,7 @@ def _pool_view(init, N: int, NH: int, state_rows: torch.Tensor | None):
 
 
 def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dtype,
-               state_rows: torch.Tensor | None = None):
+               state_rows: torch.Tensor | None = None, zero_fill: bool = True):
     """Runs kernel 1 (also re-run by the backward). init: (C0, N0, M0) or None.
 
     k [B, NH, S, DK], v [B, NH, S, DV] with contiguous last dims, i, f [B, NH, S], any strides.
@@ -257,7 +257,9 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
     on the device), a contiguous pool (C0 [P, NH, DK, DV], N0 [P, NH, DK], M0 [P, NH, 1]) of which
     sequence r reads row state_rows[r] in place (the pool is never written).
     Returns CB [NCT, NH, DK, DV] (state_dtype), NB [NCT, NH, DK], MB [NCT, NH] (chunk-start states),
-    (CF, NF, MF [N, NH]) final state, BROW, MROW [B, NH, S]; all fp32 unless said.
+    (CF, NF, MF [N, NH]) final state, BROW, MROW [B, NH, S]; all fp32 unless said. zero_fill=False
+    leaves BROW and MROW unset at positions outside every sequence (inference: nothing reads them
+    there; saves a fill kernel each, which a short prefill's graph would replay per layer).
     """
     B, NH, S, DK = k.shape
     DV = v.shape[-1]
@@ -269,8 +271,9 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
     CF = torch.empty(tabs.N, NH, DK, DV, device=dev, dtype=f32)
     NF = torch.empty(tabs.N, NH, DK, device=dev, dtype=f32)
     MF = torch.empty(tabs.N, NH, device=dev, dtype=f32)
-    BROW = torch.zeros(B, NH, S, device=dev, dtype=f32)
-    MROW = torch.zeros(B, NH, S, device=dev, dtype=f32)
+    new = torch.zeros if zero_fill else torch.empty
+    BROW = new(B, NH, S, device=dev, dtype=f32)
+    MROW = new(B, NH, S, device=dev, dtype=f32)
     in_dt, dot_dt, ip = dot_dtypes(k.dtype)
     has_init = init is not None
     has_rows = state_rows is not None
@@ -291,15 +294,16 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
     return CB, NB, MB, (CF, NF, MF), BROW, MROW
 
 
-def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: float):
+def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: float, zero_fill: bool = True):
     """Runs kernel 2 (q, k, v with contiguous last dims, i any strides).
 
-    Returns h [B, NH, S, DV] in q's dtype and dsum [B, NH, S] fp32, both contiguous.
+    Returns h [B, NH, S, DV] in q's dtype and dsum [B, NH, S] fp32, both contiguous (zero_fill=False:
+    dsum unset outside the sequences, as h always is).
     """
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     h = torch.empty(B, NH, S, DV, device=q.device, dtype=q.dtype)
-    dsum = torch.zeros(B, NH, S, device=q.device, dtype=torch.float32)
+    dsum = (torch.zeros if zero_fill else torch.empty)(B, NH, S, device=q.device, dtype=torch.float32)
     if tabs.NCT == 0:
         return h, dsum
     in_dt, dot_dt, ip = dot_dtypes(q.dtype)
@@ -324,12 +328,13 @@ def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float,
-                        state_rows: torch.Tensor | None = None):
+                        state_rows: torch.Tensor | None = None, zero_fill: bool = True):
     """Forward on q, k, v [B, NH, S, D*] with contiguous last dims and gates [B, NH, S] (any strides);
-    init and state_rows: see `run_states`. Returns h [B, NH, S, DV] (contiguous), (CF, NF, MF [N, NH])
-    fp32 and dsum [B, NH, S] fp32."""
-    CB, NB, MB, final, BROW, MROW = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype), state_rows)
-    h, dsum = run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs, L, eps)
+    init, state_rows and zero_fill: see `run_states`. Returns h [B, NH, S, DV] (contiguous),
+    (CF, NF, MF [N, NH]) fp32 and dsum [B, NH, S] fp32."""
+    CB, NB, MB, final, BROW, MROW = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype), state_rows,
+                                               zero_fill)
+    h, dsum = run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs, L, eps, zero_fill)
     return h, final, dsum
 
 

@@ -118,5 +118,7 @@ def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     dt = q.dtype
     q, k, v = (inner_contiguous(x.to(dt)) for x in (q, k, v))
     init = tuple(initial_state)
-    h, (Cf, nf, mf), _ = mlstm_chunkwise_fwd(q, k, v, i, f, init, plan.tables, plan.L, eps, state_rows=state_rows)
+    # Inference only: the positions outside the plan's sequences (a bucket's tail) are never read.
+    h, (Cf, nf, mf), _ = mlstm_chunkwise_fwd(q, k, v, i, f, init, plan.tables, plan.L, eps, state_rows=state_rows,
+                                             zero_fill=False)
     return h, (Cf, nf, mf.unsqueeze(-1))
