@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from fast_xlstm import LLM, SamplingParams
+from fast_xlstm.server import async_engine
 from fast_xlstm.server.async_engine import AsyncEngine
 from fast_xlstm.server.stream import Delta, EngineDeadError, RequestStream, SubRequest
 
@@ -68,6 +69,59 @@ def test_engine_errors_reach_the_caller_and_aborts_free_slots(llm):
     first, state = _run(main())
     assert len(first.token_ids) == 1 and not first.finished
     assert state == {"running": 0, "waiting": 0, "free_slots": 2, "slots": 2, "tracked": 0}
+
+
+def test_a_submission_is_answered_once_its_first_step_is_on_the_device(llm, monkeypatch):
+    """The answer (which sets off the route's response work in the event loop) waits until the
+    engine has queued the prefill of the request's first token, so that work overlaps the device
+    instead of competing with the launch. Scheduling is slowed so an early answer would show."""
+    import threading
+    import time
+
+    engine = llm.engine
+    prefill_started = threading.Event()
+    schedule, prefill = engine.scheduler.schedule, engine.runner.prefill
+
+    def slow_schedule():
+        time.sleep(0.1)
+        return schedule()
+
+    def flagged_prefill(*args, **kwargs):
+        prefill_started.set()
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(engine.scheduler, "schedule", slow_schedule)
+    monkeypatch.setattr(engine.runner, "prefill", flagged_prefill)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def main():
+        front = AsyncEngine(engine)
+        front.start()
+        stream = await front.submit([SubRequest([0, 5, 6, 7], params)])
+        answered_after_launch = prefill_started.is_set()
+        ids = [t async for d in stream for t in d.token_ids]
+        # An add and an abort applied in one batch: no step runs, and the submission is still answered.
+        take, gate = front._next_commands, threading.Event()
+
+        def gated():
+            front._next_commands = take  # once
+            cmds = take()  # the add
+            gate.wait()
+            return cmds + take()  # the add is not applied yet, so this waits for the next command
+
+        front._next_commands = gated
+        task = asyncio.ensure_future(front.submit([SubRequest([0, 5], params)], request_id="gone"))
+        await asyncio.sleep(0.05)
+        front._commands.put(async_engine._Abort(["gone"]))
+        gate.set()
+        late = await asyncio.wait_for(task, 5)
+        await front.stop()
+        return answered_after_launch, ids, late
+
+    answered_after_launch, ids, late = _run(main())
+    assert answered_after_launch
+    assert ids == llm.generate([[0, 5, 6, 7]], params, use_tqdm=False)[0].token_ids
+    assert late.request_ids == ["gone"]
 
 
 def test_a_failing_engine_fails_its_streams(llm, monkeypatch):

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from ..generation.generate import encode_prompts
 from ..generation.params import SamplingParams
 from ..generation.tracker import GenerationOutput, RequestTracker, stop_token_ids
-from ..model import XLSTMForCausalLM
+from ..model import ModelState, XLSTMForCausalLM
 from ..tokenizer import Tokenizer
 from .request import Request, RequestStatus
 from .runner import DecodeMode, ModelRunner, PendingDecode, StepResult
@@ -85,6 +86,10 @@ class LLMEngine:
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generation_tokens": 0, "prefill_time": 0.0,
                       "decode_time": 0.0, "steps": 0, "step_time": 0.0}
+        # Called (from `step`) once the step's device work is queued, before the host waits for it,
+        # and at the step's end: host work hung here (the server front's per-request setup) runs
+        # while the device computes instead of delaying the launch.
+        self.on_launched: Callable[[], None] | None = None
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, session_id: str | None = None, n: int = 1) -> str:
@@ -153,32 +158,39 @@ class LLMEngine:
 
     def _on_admit(self, req: Request) -> None:
         """A request got a slot: load its sampling setup, then start it from the best cached state."""
-        self.runner.start_request(req.slot, req.prompt_token_ids, req.params, req.tracker.seed)
-        if req.parent is not None:
-            return  # a forked sibling: it gets its parent's prompt state once that is prefilled
         prompt = req.prompt_token_ids
-        if req.session_id is not None:
-            session = self.get_session(req.session_id)
-            n = len(session.tokens) if session else 0
-            if session and n < len(prompt) and prompt[:n] == session.tokens:
-                self.runner.restore(req.slot, self.sessions.get(req.session_id)[0])
-                req.num_prefilled = req.num_cached = n
-        if self.prefix_cache is not None:
-            req.prefix_keys = prefix_keys(prompt, self.prefix_block)
-            for j in range(len(req.prefix_keys) - 1, -1, -1):
-                end = (j + 1) * self.prefix_block
-                if end <= req.num_prefilled:
-                    break  # the session already got further
-                if end < len(prompt) and req.prefix_keys[j] in self.prefix_cache:
-                    self.runner.restore(req.slot, self.prefix_cache.get(req.prefix_keys[j])[0])
-                    req.num_prefilled = req.num_cached = end
-                    break
-        self.stats["cached_tokens"] += req.num_cached
+        start: ModelState | None = None  # the cached state it starts from (None: the empty state)
+        if req.parent is None:  # (a forked sibling gets its parent's prompt state once that is prefilled)
+            if req.session_id is not None:
+                session = self.get_session(req.session_id)
+                n = len(session.tokens) if session else 0
+                if session and n < len(prompt) and prompt[:n] == session.tokens:
+                    start = self.sessions.get(req.session_id)[0]
+                    req.num_prefilled = req.num_cached = n
+            if self.prefix_cache is not None:
+                req.prefix_keys = prefix_keys(prompt, self.prefix_block)
+                for j in range(len(req.prefix_keys) - 1, -1, -1):
+                    end = (j + 1) * self.prefix_block
+                    if end <= req.num_prefilled:
+                        break  # the session already got further
+                    if end < len(prompt) and req.prefix_keys[j] in self.prefix_cache:
+                        start = self.prefix_cache.get(req.prefix_keys[j])[0]
+                        req.num_prefilled = req.num_cached = end
+                        break
+        # A restored slot is overwritten whole: emptying it first would be a wasted pass over 134 MB.
+        self.runner.start_request(req.slot, prompt, req.params, req.tracker.seed, reset=start is None)
+        if start is not None:
+            self.runner.restore(req.slot, start)
+        if req.parent is None:
+            self.stats["cached_tokens"] += req.num_cached
 
     def step(self) -> list[RequestOutput]:
         t_step = time.perf_counter()
         sched = self.scheduler.schedule()
-        outputs = self._run(sched)
+        try:
+            outputs = self._run(sched)
+        finally:
+            self._launched()
         seconds = time.perf_counter() - t_step
         self.stats["steps"] += 1
         self.stats["step_time"] += seconds
@@ -197,6 +209,7 @@ class LLMEngine:
             self._decode_overlapped(sched.decode, emitted)
         elif sched.decode:
             t0 = time.perf_counter()
+            self._launched()  # (the synchronous step launches and waits in one call)
             params = [r.params for r in sched.decode]
             result = self.runner.decode([r.slot for r in sched.decode], DecodeMode.of(params))
             self.stats["decode_time"] += time.perf_counter() - t0
@@ -206,7 +219,8 @@ class LLMEngine:
             chunks = sched.prefill
             result = self.runner.prefill([c.request.slot for c in chunks],
                                          [c.request.prompt_token_ids[c.start:c.end] for c in chunks],
-                                         [c.is_last for c in chunks], [c.request.params for c in chunks])
+                                         [c.is_last for c in chunks], [c.request.params for c in chunks],
+                                         on_launched=self._launched)
             self.stats["prefill_time"] += time.perf_counter() - t0
             for c in chunks:
                 c.request.num_prefilled = c.end
@@ -232,6 +246,7 @@ class LLMEngine:
         if reqs:
             mode = DecodeMode.of([r.params for r in reqs])
             launched = (reqs, self.runner.decode_launch([r.slot for r in reqs], mode))
+            self._launched()
         previous, self._inflight = self._inflight, launched
         if previous is not None:
             prev_reqs, pending = previous
@@ -241,6 +256,10 @@ class LLMEngine:
             consumed = {id(r) for r in reqs}
             self._accept(prev_reqs, result, emitted, skip_finished=True, consumed_last=consumed)
         self.stats["decode_time"] += time.perf_counter() - t0
+
+    def _launched(self) -> None:
+        if self.on_launched is not None:
+            self.on_launched()
 
     def _fork(self, parents: list[Request], result: StepResult, emitted: dict[str, RequestOutput]) -> None:
         """Copies each parent's prompt state into its siblings' slots; each samples its first token

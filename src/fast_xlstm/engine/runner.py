@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -165,9 +166,12 @@ class ModelRunner:
         self.prefill_logits: torch.Tensor | None = None  # [max sequences, V] fp32, the planned path's output
 
     # ---- per-request setup ----------------------------------------------------------------------
-    def start_request(self, slot: int, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
-        """Empties the slot's state and loads the request's sampling parameters into the slot buffers."""
-        self.pool.reset([slot])
+    def start_request(self, slot: int, prompt_ids: list[int], params: SamplingParams, seed: int,
+                      reset: bool = True) -> None:
+        """Empties the slot's state (unless `reset` is False: the caller restores a state into it) and
+        loads the request's sampling parameters into the slot buffers."""
+        if reset:
+            self.pool.reset([slot])
         top_k = params.top_k if 0 < params.top_k < self.vocab else 0
         self._long_params[:, slot].copy_(torch.tensor([0, seed, top_k]), non_blocking=True)
         self._float_params[:, slot].copy_(torch.tensor(
@@ -192,11 +196,12 @@ class ModelRunner:
 
     # ---- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slots: list[int], pieces: list[list[int]], last: list[bool], modes: list[SamplingParams]
-                ) -> StepResult:
+    def prefill(self, slots: list[int], pieces: list[list[int]], last: list[bool], modes: list[SamplingParams],
+                on_launched: Callable[[], None] | None = None) -> StepResult:
         """Runs prompt pieces packed in one row, from each slot's current state, writing states back.
 
         Rows whose piece ends their prompt (`last`) get their first token sampled; returns those.
+        `on_launched` is called once the forward is queued on the device, before its results are read.
         """
         layout = self._planned_layout([len(p) for p in pieces])
         if layout is not None:
@@ -206,11 +211,14 @@ class ModelRunner:
             group = max(1, self.prefill_state_bytes // self._state_bytes_per_seq)
             logits = torch.cat([self._prefill_group(slots[a:a + group], pieces[a:a + group])
                                 for a in range(0, len(slots), group)])
+        if on_launched is not None:
+            on_launched()
         rows = [j for j, is_last in enumerate(last) if is_last]
         if not rows:
             return StepResult(tokens=[])
-        result = self.sample_rows(logits[rows], [slots[j] for j in rows], [modes[j] for j in rows])
-        result.logits = logits[rows]  # kept for forked siblings, which sample from the same distribution
+        picked = logits if len(rows) == len(last) else logits[rows]
+        result = self.sample_rows(picked, [slots[j] for j in rows], [modes[j] for j in rows])
+        result.logits = picked  # kept for forked siblings, which sample from the same distribution
         return result
 
     def _prefill_group(self, slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
@@ -326,7 +334,11 @@ class ModelRunner:
                 self.out_lp[:n].copy_(lp), self.out_top_vals[:n].copy_(tv), self.out_top_ids[:n].copy_(ti)
             return None
         if mode.logprobs:
-            return StepResult(tokens.tolist(), raw if mode.logits else None, lp.tolist(), tv.tolist(), ti.tolist())
+            # One read-back (one host sync) instead of four: fp64 holds token ids and fp32 values exactly.
+            k = tv.shape[1]
+            host = torch.cat([tokens[:, None].double(), lp[:, None].double(), tv.double(), ti.double()], 1).tolist()
+            return StepResult([int(r[0]) for r in host], raw if mode.logits else None, [r[1] for r in host],
+                              [r[2:2 + k] for r in host], [[int(t) for t in r[2 + k:]] for r in host])
         return StepResult(tokens.tolist(), raw if mode.logits else None)
 
     def _decode_body(self, slots: torch.Tensor, mode: DecodeMode) -> None:

@@ -6,6 +6,11 @@ is unfinished and sleeps on the command queue when idle. Each step's outputs are
 that thread (the engine keeps mutating its own output objects) and handed to the event loop in one
 `call_soon_threadsafe`, which puts them on per-request asyncio queues.
 
+An accepted submission is answered only once the engine has queued the next step's device work
+(`LLMEngine.on_launched`): the event loop's per-request work that the answer sets off (the route's
+response, the stream's start) then runs while the device computes, instead of holding the GIL
+while the engine thread prepares the launch of the request's first token.
+
 `n > 1` and lists of prompts are several engine requests behind one `RequestStream`.
 """
 
@@ -71,6 +76,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None  # why the engine thread died, if it did
         self._aborted_at_stop = 0
+        self._accepted: list[Future] = []  # engine thread only: submissions added, not yet answered
+        engine.on_launched = self._answer_accepted
         if metrics is not None:
             metrics.bind_engine_state(self.engine_state, lambda: self.engine.stats)
 
@@ -138,11 +145,14 @@ class AsyncEngine:
             while self._apply(self._next_commands()):
                 if self.engine.has_unfinished_requests():
                     self._publish(self.engine.step())
+                self._answer_accepted()  # (no step ran: e.g. aborted in the same batch of commands)
         except BaseException as exc:  # a broken engine fails every request rather than hanging them
             logger.exception("engine thread failed")
             self.error = exc
+            self._answer_accepted()  # their streams get the failure
             self._fail_all(EngineDeadError(f"engine failed: {exc!r}"))
         else:
+            self._answer_accepted()
             self._fail_all(EngineDeadError("the server is shutting down"))
         self._refuse_pending()
 
@@ -187,7 +197,7 @@ class AsyncEngine:
                 added.append(rids[0])
                 for index, rid in enumerate(rids):
                     self._tracked[rid] = _Tracked(cmd.stream, index, cmd.arrival)
-                cmd.done.set_result(None)
+                self._accepted.append(cmd.done)
                 return
             for index, (rid, sub) in enumerate(zip(rids, subs)):
                 self.engine.add_request(sub.prompt_ids, sub.params, request_id=rid, session_id=sub.session_id)
@@ -199,7 +209,13 @@ class AsyncEngine:
                 self._tracked.pop(rid, None)
             cmd.done.set_exception(exc)
             return
-        cmd.done.set_result(None)
+        self._accepted.append(cmd.done)
+
+    def _answer_accepted(self) -> None:
+        """Answers the submissions added since the last call (the engine's `on_launched`)."""
+        accepted, self._accepted = self._accepted, []
+        for done in accepted:
+            done.set_result(None)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()

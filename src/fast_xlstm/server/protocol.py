@@ -58,7 +58,9 @@ class SamplingFields(_Request):
 class CompletionRequest(SamplingFields):
     """`POST /v1/completions`. A list of prompts gives `len(prompt) * n` choices, prompt-major."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Token ids first: pydantic's smart union tries members in order, and a 2,000-id prompt checked
+    # against `str` and `list[str]` first costs ~0.25 ms of event-loop time per request (~0.02 ms so).
+    prompt: list[int] | list[list[int]] | str | list[str]
     max_tokens: int | None = 16
     logprobs: int | None = None  # top alternatives per token (0 .. 20)
     echo: bool = False
