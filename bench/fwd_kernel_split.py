@@ -47,7 +47,10 @@ def main() -> None:
     state_cfgs = chunkwise_fwd._state_cfgs(DK, DV) + [
         dict(BK=32, BV=64, num_warps=4, num_stages=2), dict(BK=64, BV=32, num_warps=4, num_stages=2),
         dict(BK=32, BV=32, num_warps=2, num_stages=2), dict(BK=64, BV=64, num_warps=8, num_stages=2),
-        dict(BK=16, BV=64, num_warps=2, num_stages=2)]
+        dict(BK=16, BV=64, num_warps=2, num_stages=2), dict(BK=64, BV=128, num_warps=4, num_stages=2),
+        dict(BK=64, BV=128, num_warps=8, num_stages=2), dict(BK=128, BV=64, num_warps=4, num_stages=2),
+        dict(BK=128, BV=64, num_warps=8, num_stages=2), dict(BK=128, BV=128, num_warps=8, num_stages=2),
+        dict(BK=64, BV=128, num_warps=4, num_stages=3)]
     orig_states = chunkwise_fwd._state_cfgs
     rows = []
     for S in args.contexts:
