@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="*", default=[512, 2048, 8192, 32768, 65536])
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--states-only", action="store_true", help="only the states kernel, only --state-cfgs")
+    ap.add_argument("--state-cfgs", default=None, help="JSON list of states-kernel configs to time instead")
     args = ap.parse_args()
     # The kernel's own list first, then other tilings worth knowing about.
     state_cfgs = chunkwise_fwd._state_cfgs(DK, DV) + [
@@ -51,6 +53,8 @@ def main() -> None:
         dict(BK=64, BV=128, num_warps=8, num_stages=2), dict(BK=128, BV=64, num_warps=4, num_stages=2),
         dict(BK=128, BV=64, num_warps=8, num_stages=2), dict(BK=128, BV=128, num_warps=8, num_stages=2),
         dict(BK=64, BV=128, num_warps=4, num_stages=3)]
+    if args.state_cfgs:
+        state_cfgs = json.loads(args.state_cfgs)
     orig_states = chunkwise_fwd._state_cfgs
     rows = []
     for S in args.contexts:
@@ -67,6 +71,10 @@ def main() -> None:
                 lambda: chunkwise_fwd.run_states(k, v, i, f, None, tabs, L, sd))
         chunkwise_fwd._state_cfgs = orig_states
         _common._CHOSEN.clear()
+        if args.states_only:
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            continue
         CB, NB, MB, _, BROW, MROW = chunkwise_fwd.run_states(k, v, i, f, None, tabs, L, sd)
         out_cfgs = chunkwise_fwd._out_cfgs(DK, DV, L) + [dict(BK=64, BV=64, num_warps=4, num_stages=2),
                                                           dict(BK=64, BV=128, num_warps=8, num_stages=2)]
