@@ -41,6 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="*", default=[512, 2048, 8192, 32768, 65536])
     ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="sequences per call (default: 65,536 tokens / context)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--states-only", action="store_true", help="only the states kernel, only --state-cfgs")
     ap.add_argument("--state-cfgs", default=None, help="JSON list of states-kernel configs to time instead")
@@ -58,7 +59,7 @@ def main() -> None:
     orig_states = chunkwise_fwd._state_cfgs
     rows = []
     for S in args.contexts:
-        B = TOKENS // S
+        B = args.batch or TOKENS // S
         L = chunk_len(args.chunk, S)
         q, k, v, i, f = _inputs(B, S, S)
         tabs = seq_tables(B, NH, S, L, None, q.device)
