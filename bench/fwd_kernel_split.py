@@ -67,7 +67,7 @@ def main() -> None:
         row = {"context": S, "batch": B, "L": L, "states_ms": {}, "out_ms": {}}
         for cfg in state_cfgs:
             _common._CHOSEN.clear()
-            chunkwise_fwd._state_cfgs = lambda dk, dv, cfg=cfg: [cfg]
+            chunkwise_fwd._state_cfgs = lambda dk, dv, *_, cfg=cfg: [cfg]
             row["states_ms"][json.dumps(cfg)] = _time(
                 lambda: chunkwise_fwd.run_states(k, v, i, f, None, tabs, L, sd))
         chunkwise_fwd._state_cfgs = orig_states
