@@ -295,7 +295,9 @@ def _meta() -> dict:
         meta["git_dirty_ops"] = bool(dirty)
     except Exception:
         meta["git_commit"] = None
-    meta["git_commit"] = meta["git_commit"] or os.environ.get("GIT_COMMIT")
+    # A copied tree (e.g. on a remote GPU machine) can carry stale git metadata: a commit named by the
+    # caller wins over what git says there.
+    meta["git_commit"] = os.environ.get("FAST_XLSTM_COMMIT") or meta["git_commit"] or os.environ.get("GIT_COMMIT")
     h = hashlib.sha256()
     for p in sorted((ROOT / "src/fast_xlstm/ops/triton").glob("*.py")):
         h.update(p.read_bytes())
