@@ -41,7 +41,7 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, STATE_ROWS, CB, NB, MB, CF, NF, M
                        skb, skh, sks, svb, svh, svs, sib, sih, sis, sfb, sfh, sfs,
                        DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        HAS_INIT: tl.constexpr, HAS_ROWS: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr,
-                       IP: tl.constexpr):
+                       IP: tl.constexpr, WRITE_ROWS: tl.constexpr):
     """Chunk-start and final states.
 
     K [B, NH, S, DK], V [B, NH, S, DV] with strides (sxb, sxh, sxs, 1); I, F [B, NH, S] with strides
@@ -49,7 +49,9 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, STATE_ROWS, CB, NB, MB, CF, NF, M
     N0 [P, NH, DK], M0 [P, NH] (or [P, NH, 1]), contiguous; sequence r starts from row STATE_ROWS[r]
     (int64 [N]) if HAS_ROWS, else from row r (P = N). Writes CB [NCT, NH, DK, DV] (its dtype),
     NB [NCT, NH, DK], MB [NCT, NH], CF [N, NH, DK, DV], NF [N, NH, DK], MF [N, NH], BROW/MROW [B, NH, S]
-    (all fp32, contiguous); never writes the initial state (padding sequences share its rows).
+    (all fp32, contiguous); BROW/MROW only if WRITE_ROWS (the backward reads them; the forward's
+    output kernel derives them from the gates, which keeps that per-chunk [L, L] max off this kernel's
+    sequential path); never writes the initial state (padding sequences share its rows).
     """
     pid = tl.program_id(0)
     vt = pid % n_vt
@@ -111,7 +113,7 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, STATE_ROWS, CB, NB, MB, CF, NF, M
         a_max = tl.maximum(tl.max(a, 0), -1e30)
         m_new = tl.maximum(g + m, a_max)
 
-        if first_kv:  # per-position b and stabilizer, once per (sequence, head)
+        if WRITE_ROWS and first_kv:  # per-position b and stabilizer, once per (sequence, head)
             # m_row = b + max(m, running max of i~ - b): an [L, L] masked max (cheaper than a scan here).
             x = tl.where(causal, (ig - b)[None, :], float("-inf"))
             m_row = b + tl.maximum(m, tl.max(x, 1))
@@ -137,17 +139,20 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, STATE_ROWS, CB, NB, MB, CF, NF, M
     tl.store(MF + rh64, m, mask=first_kv)
 
 
-@triton.jit(do_not_specialize=["S", "sib", "sih"])  # one compiled variant for every length
-def _fwd_out_kernel(Q, K, V, I, CB, NB, MB, BROW, MROW, H, DSUM,
+@triton.jit(do_not_specialize=["S", "sib", "sih", "sfb", "sfh"])  # one compiled variant for every length
+def _fwd_out_kernel(Q, K, V, I, F, CB, NB, MB, BROW, MROW, H, DSUM,
                     SEQ_BASE, SEQ_LEN, CHUNK_SEQ, CHUNK_J, NH, S, n_vt, scale, eps,
-                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sib, sih, sis,
+                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sib, sih, sis, sfb, sfh, sfs,
                     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    IN_DT: tl.constexpr, DOT_DT: tl.constexpr, IP: tl.constexpr):
+                    IN_DT: tl.constexpr, DOT_DT: tl.constexpr, IP: tl.constexpr, ROWS_FROM_GATES: tl.constexpr):
     """Outputs of one chunk for one DV tile.
 
-    Q, K [B, NH, S, DK], V [B, NH, S, DV] with strides (sxb, sxh, sxs, 1), I [B, NH, S] with strides
-    (sib, sih, sis); reads the buffers written by `_fwd_states_kernel`. Writes H [B, NH, S, DV] (its dtype)
-    and DSUM [B, NH, S] fp32 (the signed normalizer sum before max/abs, kept for the backward), contiguous.
+    Q, K [B, NH, S, DK], V [B, NH, S, DV] with strides (sxb, sxh, sxs, 1), I, F [B, NH, S] with strides
+    (sib, sih, sis), (sfb, sfh, sfs); reads the buffers written by `_fwd_states_kernel`: with
+    ROWS_FROM_GATES the within-chunk log-decay b and stabilizer m come from F and the chunk-start m
+    (the same arithmetic as the states kernel's), else from BROW/MROW. Writes H [B, NH, S, DV] (its
+    dtype) and DSUM [B, NH, S] fp32 (the signed normalizer sum before max/abs, kept for the backward),
+    contiguous.
     """
     pid = tl.program_id(0)
     vt = pid % n_vt
@@ -167,10 +172,16 @@ def _fwd_out_kernel(Q, K, V, I, CB, NB, MB, BROW, MROW, H, DSUM,
     v_ptr = V + bq * svb + h64 * svh
     ch = c.to(tl.int64) * NH + h
 
-    b = tl.load(BROW + rows, mask=valid, other=0.0)
-    mq = tl.load(MROW + rows, mask=valid, other=0.0)
     ig = tl.load(I + bq * sib + h64 * sih + tok * sis, mask=valid, other=float("-inf")).to(tl.float32)
     m_prev = tl.load(MB + ch)
+    causal = t[None, :] <= t[:, None]
+    if ROWS_FROM_GATES:
+        fg = tl.load(F + bq * sfb + h64 * sfh + tok * sfs, mask=valid, other=0.0).to(tl.float32)
+        b = tl.cumsum(tl.where(valid, logsigmoid(fg), 0.0), 0)
+        mq = b + tl.maximum(m_prev, tl.max(tl.where(causal, (ig - b)[None, :], float("-inf")), 1))
+    else:
+        b = tl.load(BROW + rows, mask=valid, other=0.0)
+        mq = tl.load(MROW + rows, mask=valid, other=0.0)
 
     dv = vt * BV + tl.arange(0, BV)
     mv = dv < DV
@@ -191,7 +202,6 @@ def _fwd_out_kernel(Q, K, V, I, CB, NB, MB, BROW, MROW, H, DSUM,
         qn += tl.sum(qq.to(tl.float32) * nn[None, :], 1)
 
     beta = tl.exp(b + m_prev - mq)
-    causal = t[None, :] <= t[:, None]
     log_d = tl.where(causal, b[:, None] - b[None, :] + ig[None, :] - mq[:, None], float("-inf"))
     p = acc_s * scale * tl.exp(log_d)
     dsum = beta * scale * qn + tl.sum(p, 1)
@@ -264,7 +274,7 @@ def _pool_view(init, N: int, NH: int, state_rows: torch.Tensor | None):
 
 
 def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dtype,
-               state_rows: torch.Tensor | None = None, zero_fill: bool = True):
+               state_rows: torch.Tensor | None = None, zero_fill: bool = True, rows: bool = True):
     """Runs kernel 1 (also re-run by the backward). init: (C0, N0, M0) or None.
 
     k [B, NH, S, DK], v [B, NH, S, DV] with contiguous last dims, i, f [B, NH, S], any strides.
@@ -272,9 +282,10 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
     on the device), a contiguous pool (C0 [P, NH, DK, DV], N0 [P, NH, DK], M0 [P, NH, 1]) of which
     sequence r reads row state_rows[r] in place (the pool is never written).
     Returns CB [NCT, NH, DK, DV] (state_dtype), NB [NCT, NH, DK], MB [NCT, NH] (chunk-start states),
-    (CF, NF, MF [N, NH]) final state, BROW, MROW [B, NH, S]; all fp32 unless said. zero_fill=False
-    leaves BROW and MROW unset at positions outside every sequence (inference: nothing reads them
-    there; saves a fill kernel each, which a short prefill's graph would replay per layer).
+    (CF, NF, MF [N, NH]) final state, BROW, MROW [B, NH, S] (None unless `rows`: the forward's output
+    kernel derives them itself); all fp32 unless said. zero_fill=False leaves BROW and MROW unset at
+    positions outside every sequence (inference: nothing reads them there; saves a fill kernel each,
+    which a short prefill's graph would replay per layer).
     """
     B, NH, S, DK = k.shape
     DV = v.shape[-1]
@@ -287,31 +298,36 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
     NF = torch.empty(tabs.N, NH, DK, device=dev, dtype=f32)
     MF = torch.empty(tabs.N, NH, device=dev, dtype=f32)
     new = torch.zeros if zero_fill else torch.empty
-    BROW = new(B, NH, S, device=dev, dtype=f32)
-    MROW = new(B, NH, S, device=dev, dtype=f32)
+    BROW = new(B, NH, S, device=dev, dtype=f32) if rows else None
+    MROW = new(B, NH, S, device=dev, dtype=f32) if rows else None
     in_dt, dot_dt, ip = dot_dtypes(k.dtype)
     has_init = init is not None
     has_rows = state_rows is not None
     C0, N0, M0 = _pool_view(init, tabs.N, NH, state_rows) if has_init else (CF, NF, MF)  # else: never read
-    rows = state_rows if has_rows else tabs.seq_base  # a placeholder pointer when there is no row table
+    row_table = state_rows if has_rows else tabs.seq_base  # a placeholder pointer when there is no row table
     strides = (*seq_strides(k), *seq_strides(v), *seq_strides(i), *seq_strides(f))
 
     def grid(cfg):
         return (tabs.N * NH * triton.cdiv(DK, cfg["BK"]) * triton.cdiv(DV, cfg["BV"]),)
 
+    brow, mrow = (BROW, MROW) if rows else (MF, MF)  # placeholders, never written without rows
+
     def args_for(cfg):
-        return (k, v, i, f, C0, N0, M0, rows, CB, NB, MB, CF, NF, MF, BROW, MROW, tabs.seq_base, tabs.seq_len,
-                tabs.chunk_off, NH, S, triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), *strides, DK, DV, L)
+        return (k, v, i, f, C0, N0, M0, row_table, CB, NB, MB, CF, NF, MF, brow, mrow, tabs.seq_base,
+                tabs.seq_len, tabs.chunk_off, NH, S, triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]),
+                *strides, DK, DV, L)
 
     wide = tabs.N * NH >= _WIDE_STATE_TILES_FROM
     launch(_fwd_states_kernel, grid, args_for, _state_cfgs(DK, DV, tabs.N * NH),
-           dict(HAS_INIT=has_init, HAS_ROWS=has_rows, IN_DT=in_dt, DOT_DT=dot_dt, IP=ip),
-           key=(DK, DV, L, k.dtype, state_dtype, has_init, has_rows, wide))
+           dict(HAS_INIT=has_init, HAS_ROWS=has_rows, IN_DT=in_dt, DOT_DT=dot_dt, IP=ip, WRITE_ROWS=rows),
+           key=(DK, DV, L, k.dtype, state_dtype, has_init, has_rows, wide, rows))
     return CB, NB, MB, (CF, NF, MF), BROW, MROW
 
 
-def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: float, zero_fill: bool = True):
-    """Runs kernel 2 (q, k, v with contiguous last dims, i any strides).
+def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: float, zero_fill: bool = True,
+            f: torch.Tensor | None = None):
+    """Runs kernel 2 (q, k, v with contiguous last dims, i and f any strides). BROW and MROW None: the
+    kernel derives them from the forget gates `f`.
 
     Returns h [B, NH, S, DV] in q's dtype and dsum [B, NH, S] fp32, both contiguous (zero_fill=False:
     dsum unset outside the sequences, as h always is).
@@ -323,17 +339,24 @@ def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: fl
     if tabs.NCT == 0:
         return h, dsum
     in_dt, dot_dt, ip = dot_dtypes(q.dtype)
-    strides = (*seq_strides(q), *seq_strides(k), *seq_strides(v), *seq_strides(i))
+    from_gates = BROW is None
+    if from_gates and f is None:
+        raise ValueError("run_out needs the forget gates f when BROW/MROW are not given")
+    if not from_gates:
+        f = i  # a placeholder, never read
+    strides = (*seq_strides(q), *seq_strides(k), *seq_strides(v), *seq_strides(i), *seq_strides(f))
+    brow, mrow = (MB, MB) if from_gates else (BROW, MROW)  # placeholders, never read from gates
 
     def grid(cfg):
         return (tabs.NCT * triton.cdiv(DV, cfg["BV"]), NH)
 
     def args_for(cfg):
-        return (q, k, v, i, CB, NB, MB, BROW, MROW, h, dsum, tabs.seq_base, tabs.seq_len, tabs.chunk_seq,
+        return (q, k, v, i, f, CB, NB, MB, brow, mrow, h, dsum, tabs.seq_base, tabs.seq_len, tabs.chunk_seq,
                 tabs.chunk_j, NH, S, triton.cdiv(DV, cfg["BV"]), DK ** -0.5, eps, *strides, DK, DV, L)
 
-    launch(_fwd_out_kernel, grid, args_for, _out_cfgs(DK, DV, L), dict(IN_DT=in_dt, DOT_DT=dot_dt, IP=ip),
-           key=(DK, DV, L, q.dtype, CB.dtype))
+    launch(_fwd_out_kernel, grid, args_for, _out_cfgs(DK, DV, L),
+           dict(IN_DT=in_dt, DOT_DT=dot_dt, IP=ip, ROWS_FROM_GATES=from_gates),
+           key=(DK, DV, L, q.dtype, CB.dtype, from_gates))
     return h, dsum
 
 
@@ -348,9 +371,9 @@ def mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float
     """Forward on q, k, v [B, NH, S, D*] with contiguous last dims and gates [B, NH, S] (any strides);
     init, state_rows and zero_fill: see `run_states`. Returns h [B, NH, S, DV] (contiguous),
     (CF, NF, MF [N, NH]) fp32 and dsum [B, NH, S] fp32."""
-    CB, NB, MB, final, BROW, MROW = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype), state_rows,
-                                               zero_fill)
-    h, dsum = run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs, L, eps, zero_fill)
+    CB, NB, MB, final, _, _ = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype), state_rows,
+                                         zero_fill, rows=False)
+    h, dsum = run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, eps, zero_fill, f=f)
     return h, final, dsum
 
 
