@@ -2,7 +2,8 @@
 
 At the 7B head shapes (NH 8, DK 256, DV 512, bf16 q/k/v, fp32 gates) over B x S = 65,536 tokens per
 call: `_fwd_states_kernel` (sequential over a sequence's chunks, parallel over sequences, heads and
-state tiles) and `_fwd_out_kernel` (parallel over chunks), for each config in their config lists.
+state tiles) and `_fwd_out_kernel` (parallel over chunks), as the forward runs them, for each config
+in their config lists (and a few more), plus the whole forward with the configs it picks.
 Long contexts leave few sequences, so the states kernel's parallelism is what changes with context:
 this shows which tiles keep the GPU busy there.
 
@@ -69,14 +70,15 @@ def main() -> None:
             _common._CHOSEN.clear()
             chunkwise_fwd._state_cfgs = lambda dk, dv, *_, cfg=cfg: [cfg]
             row["states_ms"][json.dumps(cfg)] = _time(
-                lambda: chunkwise_fwd.run_states(k, v, i, f, None, tabs, L, sd))
+                lambda: chunkwise_fwd.run_states(k, v, i, f, None, tabs, L, sd, rows=False))
         chunkwise_fwd._state_cfgs = orig_states
         _common._CHOSEN.clear()
+        row["fwd_ms"] = _time(lambda: chunkwise_fwd.mlstm_chunkwise_fwd(q, k, v, i, f, None, tabs, L, 1e-6))
         if args.states_only:
             print(json.dumps(row), flush=True)
             rows.append(row)
             continue
-        CB, NB, MB, _, BROW, MROW = chunkwise_fwd.run_states(k, v, i, f, None, tabs, L, sd)
+        CB, NB, MB, _, _, _ = chunkwise_fwd.run_states(k, v, i, f, None, tabs, L, sd, rows=False)
         out_cfgs = chunkwise_fwd._out_cfgs(DK, DV, L) + [dict(BK=64, BV=64, num_warps=4, num_stages=2),
                                                           dict(BK=64, BV=128, num_warps=8, num_stages=2)]
         orig_out = chunkwise_fwd._out_cfgs
@@ -84,11 +86,11 @@ def main() -> None:
             _common._CHOSEN.clear()
             chunkwise_fwd._out_cfgs = lambda dk, dv, l, cfg=cfg: [cfg]
             row["out_ms"][json.dumps(cfg)] = _time(
-                lambda: chunkwise_fwd.run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs, L, 1e-6))
+                lambda: chunkwise_fwd.run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, 1e-6, f=f))
         chunkwise_fwd._out_cfgs = orig_out
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del q, k, v, i, f, CB, NB, MB, BROW, MROW
+        del q, k, v, i, f, CB, NB, MB
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"),
