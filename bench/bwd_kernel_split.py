@@ -1,0 +1,94 @@
+"""The chunkwise backward timed whole, and again with each of its kernels' launch configs swapped in.
+
+At the 7B head shapes (NH 8, DK 256, DV 512, bf16 q/k/v, fp32 gates) over B x S = 65,536 tokens per
+call. The backward re-runs the states kernel, then the reverse state-gradient recurrence
+(`_bwd_dstate_kernel`: sequential over chunks, parallel over sequences, heads and tiles, like the
+forward's states kernel) and the two chunk-parallel kernels (dq/dk and dv), plus torch glue for the
+gate gradients. Each row: the whole backward with the configs it picks, then with one kernel's
+config replaced by each candidate (the differences are that kernel's share).
+
+    python bench/bwd_kernel_split.py [--contexts 512 8192 65536] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+from fast_xlstm.ops.triton import _common, chunkwise_bwd, chunkwise_fwd
+from fast_xlstm.ops.triton._common import chunk_len, seq_tables
+
+NH, DK, DV, TOKENS = 8, 256, 512, 65536
+
+DSTATE = [dict(BK=64, BV=64, num_warps=4, num_stages=2), dict(BK=64, BV=128, num_warps=8, num_stages=3),
+          dict(BK=64, BV=256, num_warps=8, num_stages=3), dict(BK=128, BV=128, num_warps=8, num_stages=3),
+          dict(BK=32, BV=128, num_warps=4, num_stages=3)]
+PAR = {"k": [dict(BK=64, BV=64, num_warps=8, num_stages=2), dict(BK=128, BV=64, num_warps=8, num_stages=2),
+             dict(BK=64, BV=128, num_warps=8, num_stages=2), dict(BK=64, BV=64, num_warps=4, num_stages=2),
+             dict(BK=64, BV=64, num_warps=8, num_stages=3)],
+       "v": [dict(BK=64, BV=128, num_warps=8, num_stages=2), dict(BK=64, BV=256, num_warps=8, num_stages=2),
+             dict(BK=128, BV=128, num_warps=8, num_stages=2), dict(BK=64, BV=64, num_warps=8, num_stages=2),
+             dict(BK=64, BV=128, num_warps=8, num_stages=3)]}
+
+
+def _time(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=5, rep=30))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="*", default=[512, 8192, 65536])
+    ap.add_argument("--batch", type=int, default=None, help="sequences per call (default: 65,536 tokens / context)")
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    orig_dstate, orig_par = chunkwise_bwd._dstate_cfgs, chunkwise_bwd._par_cfgs
+    for S in args.contexts:
+        B = args.batch or TOKENS // S
+        L = chunk_len(args.chunk, S)
+        g = torch.Generator(device="cuda").manual_seed(S)
+        q, k = (torch.randn(B, NH, S, DK, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+        v = torch.randn(B, NH, S, DV, device="cuda", generator=g, dtype=torch.bfloat16)
+        i = torch.randn(B, NH, S, device="cuda", generator=g)
+        f = torch.randn(B, NH, S, device="cuda", generator=g) + 3.0
+        tabs = seq_tables(B, NH, S, L, None, q.device)
+        h, final, dsum = chunkwise_fwd.mlstm_chunkwise_fwd(q, k, v, i, f, None, tabs, L, 1e-6)
+        dh = torch.randn_like(h)
+        dCf, dnf, dmf = (torch.zeros_like(x) for x in final)
+
+        def bwd():
+            chunkwise_bwd.mlstm_chunkwise_bwd(q, k, v, i, f, None, h, dsum, final, dh, dCf, dnf, dmf, tabs, L, 1e-6)
+
+        _common._CHOSEN.clear()
+        row = {"context": S, "batch": B, "L": L, "fwd_ms": _time(
+            lambda: chunkwise_fwd.mlstm_chunkwise_fwd(q, k, v, i, f, None, tabs, L, 1e-6)), "bwd_ms": _time(bwd),
+            "bwd_ms_dstate": {}, "bwd_ms_par_k": {}, "bwd_ms_par_v": {}}
+        for cfg in DSTATE:
+            _common._CHOSEN.clear()
+            chunkwise_bwd._dstate_cfgs = lambda *_, cfg=cfg: [cfg]
+            row["bwd_ms_dstate"][json.dumps(cfg)] = _time(bwd)
+        chunkwise_bwd._dstate_cfgs = orig_dstate
+        for wide in ("k", "v"):
+            for cfg in PAR[wide]:
+                _common._CHOSEN.clear()
+                chunkwise_bwd._par_cfgs = (lambda dk, dv, l, w, cfg=cfg, wide=wide:
+                                           [cfg] if w == wide else orig_par(dk, dv, l, w))
+                row[f"bwd_ms_par_{wide}"][json.dumps(cfg)] = _time(bwd)
+            chunkwise_bwd._par_cfgs = orig_par
+        _common._CHOSEN.clear()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del q, k, v, i, f, h, dsum, final, dh
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"),
+                       "shape": {"NH": NH, "DK": DK, "DV": DV, "tokens": TOKENS}, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
