@@ -278,13 +278,14 @@ def _dstate_cfgs(DK, DV):
 
 def _par_cfgs(DK, DV, L, wide: str):
     """Tiles of the parallel kernels; `wide` names the dimension the grid splits ("k" for dq/dk, "v" for dv):
-    a wider split tile means fewer programs recomputing q k^T over all of DK. The dq/dk kernel runs
-    best with 4 warps (H100, 7B head shapes, bench/bwd_kernel_split.py: the backward 1.5-2.7 ms
-    faster than with 8, at 512 to 65k context)."""
+    a wider split tile means fewer programs recomputing q k^T over all of DK. With 64-token chunks the
+    dq/dk kernel runs best with 4 warps (H100, 7B head shapes, bench/bwd_kernel_split.py: the backward
+    1.5-2.7 ms faster than with 8, at 512 to 65k context); with 128-token chunks 4 warps made the
+    whole forward+backward 1.5x slower (bench/results/h100-kernels-bccb2fa), so those keep 8."""
     bk, bv = min(64, pow2(DK)), min(64, pow2(DV))
     if wide == "v" and L <= 64:
         bv = min(128, pow2(DV))
-    nw = 4 if L <= 32 or wide == "k" else 8
+    nw = 4 if L <= 32 or (wide == "k" and L <= 64) else 8
     return [dict(BK=bk, BV=bv, num_warps=nw, num_stages=2), dict(BK=bk, BV=min(bv, 32), num_warps=nw, num_stages=1),
             dict(BK=min(bk, 32), BV=min(bv, 32), num_warps=4, num_stages=1)]
 
