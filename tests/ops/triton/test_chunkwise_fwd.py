@@ -159,3 +159,36 @@ def test_rejects_bad_input(device):
         mlstm_chunkwise_triton(q, q, v, g, g, cu_seqlens=torch.tensor([0, 9], device=device))
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         mlstm_chunkwise_triton(q, q, v, g, g, chunk_size=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_output_kernel_rows_from_gates_equal_the_states_kernels(dtype, device, seed, make_inputs, random_state):
+    """The forward's output kernel derives each position's decay b and stabilizer m from the gates; the
+    states kernel computes the same rows for the backward (WRITE_ROWS). Both must give the same h for
+    packed sequences from initial states (the same arithmetic: bit-identical in the interpreter; a
+    compiler may contract differently, hence the tolerance), and the states kernel the same chunk
+    states with or without the rows."""
+    from fast_xlstm.ops.triton import chunkwise_fwd
+    from fast_xlstm.ops.triton._common import chunk_len, seq_tables
+
+    offs = [0, 1, 40, 73, 140]  # a length-1 sequence and chunk-straddling lengths, packed in one row
+    NH, DK, DV = 2, 16, 32
+    q, k, v, i, f = (t.to(device) for t in make_inputs(1, NH, offs[-1], DK, DV, dtype, seed=seed))
+    s0 = tuple(t.to(device) for t in random_state(len(offs) - 1, NH, DK, DV, torch.float32, seed=seed + 1))
+    L = chunk_len(32, offs[-1])
+    tabs = seq_tables(1, NH, offs[-1], L, offs, q.device)
+    sd = chunkwise_fwd.chunk_state_dtype(dtype)
+    with_rows = chunkwise_fwd.run_states(k, v, i, f, s0, tabs, L, sd)
+    without = chunkwise_fwd.run_states(k, v, i, f, s0, tabs, L, sd, rows=False)
+    assert without[4] is None and without[5] is None
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # (bf16: one rounding step of a stored value)
+    for a, b in zip(with_rows[:3] + tuple(with_rows[3]), without[:3] + tuple(without[3])):
+        assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+    CB, NB, MB, _, BROW, MROW = with_rows
+    h_rows, d_rows = chunkwise_fwd.run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs, L, 1e-6)
+    h_gates, d_gates = chunkwise_fwd.run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, 1e-6, f=f)
+    assert not torch.isnan(h_gates).any()
+    for a, b in ((h_rows, h_gates), (d_rows, d_gates)):
+        assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+    with pytest.raises(ValueError, match="forget gates"):
+        chunkwise_fwd.run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, 1e-6)
