@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 import triton
+from fwd_kernel_split import NH, TOKENS, random_inputs, write_rows  # (bench/ is the script's folder)
 
 from fast_xlstm.ops.triton import _common, chunkwise_bwd, chunkwise_fwd
 from fast_xlstm.ops.triton._common import chunk_len, seq_tables
-
-NH, DK, DV, TOKENS = 8, 256, 512, 65536
 
 DSTATE = [dict(BK=64, BV=64, num_warps=4, num_stages=2), dict(BK=64, BV=128, num_warps=8, num_stages=3),
           dict(BK=64, BV=256, num_warps=8, num_stages=3), dict(BK=128, BV=128, num_warps=8, num_stages=3),
@@ -51,11 +49,7 @@ def main() -> None:
     for S in args.contexts:
         B = args.batch or TOKENS // S
         L = chunk_len(args.chunk, S)
-        g = torch.Generator(device="cuda").manual_seed(S)
-        q, k = (torch.randn(B, NH, S, DK, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
-        v = torch.randn(B, NH, S, DV, device="cuda", generator=g, dtype=torch.bfloat16)
-        i = torch.randn(B, NH, S, device="cuda", generator=g)
-        f = torch.randn(B, NH, S, device="cuda", generator=g) + 3.0
+        q, k, v, i, f = random_inputs(B, S, S)
         tabs = seq_tables(B, NH, S, L, None, q.device)
         h, final, dsum = chunkwise_fwd.mlstm_chunkwise_fwd(q, k, v, i, f, None, tabs, L, 1e-6)
         dh = torch.randn_like(h)
@@ -85,9 +79,7 @@ def main() -> None:
         rows.append(row)
         del q, k, v, i, f, h, dsum, final, dh
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"),
-                       "shape": {"NH": NH, "DK": DK, "DV": DV, "tokens": TOKENS}, "rows": rows}, fh, indent=1)
+        write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from fast_xlstm.ops.triton._common import chunk_len, seq_tables
 NH, DK, DV, TOKENS = 8, 256, 512, 65536
 
 
-def _inputs(B: int, S: int, seed: int):
+def random_inputs(B: int, S: int, seed: int):
+    """q, k [B, NH, S, DK], v [B, NH, S, DV] bf16 and gate pre-activations i, f [B, NH, S] fp32 on CUDA."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     q, k = (torch.randn(B, NH, S, DK, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(B, NH, S, DV, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -62,7 +63,7 @@ def main() -> None:
     for S in args.contexts:
         B = args.batch or TOKENS // S
         L = chunk_len(args.chunk, S)
-        q, k, v, i, f = _inputs(B, S, S)
+        q, k, v, i, f = random_inputs(B, S, S)
         tabs = seq_tables(B, NH, S, L, None, q.device)
         sd = chunkwise_fwd.chunk_state_dtype(q.dtype)
         row = {"context": S, "batch": B, "L": L, "states_ms": {}, "out_ms": {}}
@@ -92,9 +93,14 @@ def main() -> None:
         rows.append(row)
         del q, k, v, i, f, CB, NB, MB
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"),
-                       "shape": {"NH": NH, "DK": DK, "DV": DV, "tokens": TOKENS}, "rows": rows}, fh, indent=1)
+        write_rows(args.out, rows)
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    """The result file: the card, the commit (FAST_XLSTM_COMMIT), the shape, one row per context."""
+    with open(path, "w") as fh:
+        json.dump({"device": torch.cuda.get_device_name(), "commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"),
+                   "shape": {"NH": NH, "DK": DK, "DV": DV, "tokens": TOKENS}, "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":
