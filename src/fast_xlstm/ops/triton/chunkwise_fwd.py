@@ -274,7 +274,7 @@ def _pool_view(init, N: int, NH: int, state_rows: torch.Tensor | None):
 
 
 def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dtype,
-               state_rows: torch.Tensor | None = None, zero_fill: bool = True, rows: bool = True):
+               state_rows: torch.Tensor | None = None, rows: bool = True):
     """Runs kernel 1 (also re-run by the backward). init: (C0, N0, M0) or None.
 
     k [B, NH, S, DK], v [B, NH, S, DV] with contiguous last dims, i, f [B, NH, S], any strides.
@@ -282,10 +282,8 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
     on the device), a contiguous pool (C0 [P, NH, DK, DV], N0 [P, NH, DK], M0 [P, NH, 1]) of which
     sequence r reads row state_rows[r] in place (the pool is never written).
     Returns CB [NCT, NH, DK, DV] (state_dtype), NB [NCT, NH, DK], MB [NCT, NH] (chunk-start states),
-    (CF, NF, MF [N, NH]) final state, BROW, MROW [B, NH, S] (None unless `rows`: the forward's output
-    kernel derives them itself); all fp32 unless said. zero_fill=False leaves BROW and MROW unset at
-    positions outside every sequence (inference: nothing reads them there; saves a fill kernel each,
-    which a short prefill's graph would replay per layer).
+    (CF, NF, MF [N, NH]) final state, BROW, MROW [B, NH, S] (None unless `rows`, which the backward
+    asks for: the forward's output kernel derives them itself); all fp32 unless said.
     """
     B, NH, S, DK = k.shape
     DV = v.shape[-1]
@@ -297,9 +295,8 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
     CF = torch.empty(tabs.N, NH, DK, DV, device=dev, dtype=f32)
     NF = torch.empty(tabs.N, NH, DK, device=dev, dtype=f32)
     MF = torch.empty(tabs.N, NH, device=dev, dtype=f32)
-    new = torch.zeros if zero_fill else torch.empty
-    BROW = new(B, NH, S, device=dev, dtype=f32) if rows else None
-    MROW = new(B, NH, S, device=dev, dtype=f32) if rows else None
+    BROW = torch.zeros(B, NH, S, device=dev, dtype=f32) if rows else None
+    MROW = torch.zeros(B, NH, S, device=dev, dtype=f32) if rows else None
     in_dt, dot_dt, ip = dot_dtypes(k.dtype)
     has_init = init is not None
     has_rows = state_rows is not None
@@ -369,10 +366,11 @@ def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
 def mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float,
                         state_rows: torch.Tensor | None = None, zero_fill: bool = True):
     """Forward on q, k, v [B, NH, S, D*] with contiguous last dims and gates [B, NH, S] (any strides);
-    init, state_rows and zero_fill: see `run_states`. Returns h [B, NH, S, DV] (contiguous),
-    (CF, NF, MF [N, NH]) fp32 and dsum [B, NH, S] fp32."""
+    init and state_rows: see `run_states`; zero_fill=False leaves dsum unset outside the sequences
+    (inference: a fill kernel less, which a short prefill's graph would replay per layer). Returns
+    h [B, NH, S, DV] (contiguous), (CF, NF, MF [N, NH]) fp32 and dsum [B, NH, S] fp32."""
     CB, NB, MB, final, _, _ = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype), state_rows,
-                                         zero_fill, rows=False)
+                                         rows=False)
     h, dsum = run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, eps, zero_fill, f=f)
     return h, final, dsum
 
