@@ -243,3 +243,29 @@ def test_runner_planned_prefill_equals_eager(lengths, device):
                 assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
     for layer, saved in zip(planned.pool.layers, before):
         assert all(torch.equal(t[untouched], s) for t, s in zip(layer, saved))
+
+
+def test_planned_prefill_never_reads_unset_buffer_tails(device, monkeypatch):
+    """The planned path leaves its kernels' buffers unset outside the packed sequences (no fill
+    kernels in the graph). With every new float buffer poisoned with NaN, logits and pool states
+    still equal the eager prefill's: nothing reads those tails into a real sequence's results."""
+    model = tiny_model(seed=5).to(device)
+    planned, eager = _runner(model, 128), _runner(model, 0)
+    slots, lengths = [1, 3], [5, 22]  # 27 tokens in a 32-token bucket of 2 sequences: a tail
+    pieces = [random_ids((n,), model.config.vocab_size, seed=n).tolist() for n in lengths]
+    params = [SamplingParams(temperature=0)] * len(slots)
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    a = planned.prefill(slots, pieces, [True] * len(slots), params)
+    monkeypatch.undo()
+    b = eager.prefill(slots, pieces, [True] * len(slots), params)
+    assert not torch.isnan(a.logits).any()
+    assert a.tokens == b.tokens and torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    for la, lb in zip(planned.pool.layers, eager.pool.layers):
+        for ta, tb in zip(la, lb):
+            assert not torch.isnan(ta).any() and torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
