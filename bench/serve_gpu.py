@@ -116,7 +116,7 @@ def main() -> int:
     result: dict = {"commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"), "model": args.model}
     # TTFT runs ask for logprobs so the server sends a chunk per token: with random weights many
     # tokens decode to no text, and a text-only stream would time the first visible text instead.
-    prefix_args = ("--concurrency", "1", "--num-requests", "24", "--shared-prefix-tokens", "2048", "--prompt-tokens",
+    prefix_args = ("--concurrency", "1", "--num-requests", "48", "--shared-prefix-tokens", "2048", "--prompt-tokens",
                    "64", "--output-tokens", "8", "--warmup", "2", "--logprobs")
 
     port = 8123
