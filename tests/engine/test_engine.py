@@ -154,6 +154,22 @@ def test_prefill_in_state_bounded_groups_equals_one_group(llm):
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
 
 
+def test_balanced_groups_cover_everything_evenly():
+    from fast_xlstm.engine.runner import balanced_groups
+
+    assert balanced_groups(32, 31) == [(0, 16), (16, 32)]  # not 31 + a straggler of 1
+    assert balanced_groups(33, 31) == [(0, 17), (17, 33)]
+    assert balanced_groups(31, 31) == [(0, 31)]
+    assert balanced_groups(5, 1) == [(j, j + 1) for j in range(5)]
+    assert balanced_groups(0, 4) == []
+    for n in range(1, 70):
+        for most in (1, 2, 7, 31, 64):
+            bounds = balanced_groups(n, most)
+            sizes = [b - a for a, b in bounds]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n and all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
+            assert len(bounds) == -(-n // most) and max(sizes) <= most and max(sizes) - min(sizes) <= 1
+
+
 def test_step_log_records_every_step(tmp_path):
     log = tmp_path / "steps.jsonl"
     llm = LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=2, max_num_batched_tokens=8, step_log=log)
