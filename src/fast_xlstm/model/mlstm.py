@@ -31,8 +31,8 @@ def _linear_fp32(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     output row re-reads x, so long prefills keep the GEMM. With dynamic shapes the row test becomes
     a guard: one compiled variant each side of it.
     """
-    rows = math.prod(x.shape[:-1])
-    if torch.compiler.is_compiling() and lin.out_features <= 64 and rows <= GATE_REDUCTION_MAX_ROWS:
+    if (torch.compiler.is_compiling() and lin.out_features <= 64
+            and math.prod(x.shape[:-1]) <= GATE_REDUCTION_MAX_ROWS):
         return (x.float()[..., None, :] * lin.weight.float()).sum(-1) + lin.bias.float()
     return nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
 
