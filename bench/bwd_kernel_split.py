@@ -8,6 +8,7 @@ gate gradients. Each row: the whole backward with the configs it picks, then wit
 config replaced by each candidate (the differences are that kernel's share).
 
     python bench/bwd_kernel_split.py [--contexts 512 8192 65536] [--out FILE.json]
+    python bench/bwd_kernel_split.py --profile   # device time per kernel of one backward, no sweep
 """
 
 from __future__ import annotations
@@ -37,12 +38,29 @@ def _time(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=30))
 
 
+def profile_kernels(fn, calls: int = 10) -> dict[str, float]:
+    """Device milliseconds per call of `fn`, by kernel name (torch.profiler over `calls` calls)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if us > 0 and ev.key and not ev.key.startswith("ProfilerStep"):
+            per[ev.key[:90]] = per.get(ev.key[:90], 0.0) + us / 1000.0 / calls
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="*", default=[512, 8192, 65536])
     ap.add_argument("--batch", type=int, default=None, help="sequences per call (default: 65,536 tokens / context)")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="per-kernel device time of one backward instead of a sweep")
     args = ap.parse_args()
     rows = []
     orig_dstate, orig_par = chunkwise_bwd._dstate_cfgs, chunkwise_bwd._par_cfgs
@@ -58,6 +76,15 @@ def main() -> None:
         def bwd():
             chunkwise_bwd.mlstm_chunkwise_bwd(q, k, v, i, f, None, h, dsum, final, dh, dCf, dnf, dmf, tabs, L, 1e-6)
 
+        if args.profile:
+            per = profile_kernels(bwd)
+            row = {"context": S, "batch": B, "L": L, "bwd_ms": _time(bwd), "kernels_ms": per,
+                   "kernels_total_ms": sum(per.values())}
+            print(json.dumps(row), flush=True)
+            for name, ms in per.items():
+                print(f"  {ms:8.3f} ms  {name}")
+            rows.append(row)
+            continue
         _common._CHOSEN.clear()
         row = {"context": S, "batch": B, "L": L, "fwd_ms": _time(
             lambda: chunkwise_fwd.mlstm_chunkwise_fwd(q, k, v, i, f, None, tabs, L, 1e-6)), "bwd_ms": _time(bwd),
