@@ -1,7 +1,8 @@
 """The chunkwise backward timed whole, and again with each of its kernels' launch configs swapped in.
 
 At the 7B head shapes (NH 8, DK 256, DV 512, bf16 q/k/v, fp32 gates) over B x S = 65,536 tokens per
-call. The backward re-runs the states kernel, then the reverse state-gradient recurrence
+call, as training runs it: the forward keeps the chunk-start states (--recompute: the backward re-runs the
+states kernel) and the loss uses h alone. The backward runs the reverse state-gradient recurrence
 (`_bwd_dstate_kernel`: sequential over chunks, parallel over sequences, heads and tiles, like the
 forward's states kernel) and the two chunk-parallel kernels (dq/dk and dv), plus torch glue for the
 gate gradients. Each row: the whole backward with the configs it picks, then with one kernel's
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="sequences per call (default: 65,536 tokens / context)")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--recompute", action="store_true", help="the backward re-runs the states kernel")
     ap.add_argument("--profile", action="store_true", help="per-kernel device time of one backward instead of a sweep")
     args = ap.parse_args()
     rows = []
@@ -69,16 +71,19 @@ def main() -> None:
         L = chunk_len(args.chunk, S)
         q, k, v, i, f = random_inputs(B, S, S)
         tabs = seq_tables(B, NH, S, L, None, q.device)
-        h, final, dsum = chunkwise_fwd.mlstm_chunkwise_fwd(q, k, v, i, f, None, tabs, L, 1e-6)
+        # As training runs it: the forward keeps the rows (and, unless --recompute, the chunk states), and a
+        # loss on h alone leaves the final state's gradients None.
+        h, final, dsum, kept_rows, kept_states = chunkwise_fwd.mlstm_chunkwise_fwd_train(
+            q, k, v, i, f, None, tabs, L, 1e-6, keep_states=not args.recompute)
         dh = torch.randn_like(h)
-        dCf, dnf, dmf = (torch.zeros_like(x) for x in final)
 
         def bwd():
-            chunkwise_bwd.mlstm_chunkwise_bwd(q, k, v, i, f, None, h, dsum, final, dh, dCf, dnf, dmf, tabs, L, 1e-6)
+            chunkwise_bwd.mlstm_chunkwise_bwd(q, k, v, i, f, None, h, dsum, final, dh, None, None, None, tabs, L,
+                                              1e-6, rows=kept_rows, states=kept_states)
 
         if args.profile:
             per = profile_kernels(bwd)
-            row = {"context": S, "batch": B, "L": L, "bwd_ms": _time(bwd), "kernels_ms": per,
+            row = {"context": S, "batch": B, "L": L, "recompute": args.recompute, "bwd_ms": _time(bwd), "kernels_ms": per,
                    "kernels_total_ms": sum(per.values())}
             print(json.dumps(row), flush=True)
             for name, ms in per.items():
@@ -86,7 +91,7 @@ def main() -> None:
             rows.append(row)
             continue
         _common._CHOSEN.clear()
-        row = {"context": S, "batch": B, "L": L, "fwd_ms": _time(
+        row = {"context": S, "batch": B, "L": L, "recompute": args.recompute, "fwd_ms": _time(
             lambda: chunkwise_fwd.mlstm_chunkwise_fwd(q, k, v, i, f, None, tabs, L, 1e-6)), "bwd_ms": _time(bwd),
             "bwd_ms_dstate": {}, "bwd_ms_par_k": {}, "bwd_ms_par_v": {}}
         for cfg in DSTATE:

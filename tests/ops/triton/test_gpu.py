@@ -107,6 +107,28 @@ def test_backward_7b_shapes(S, dtype, rel_err):
     assert not bad, f"gradient errors above {BWD_TOL[dtype]}: {bad}"
 
 
+@pytest.mark.skipif(DRY, reason="sync debug mode needs CUDA")
+@pytest.mark.parametrize("loss_on", ["h", "h_and_state"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept_states", "recomputed_states"])
+def test_backward_never_waits_for_the_device(loss_on, recompute):
+    """A dense training backward launches everything without a host synchronisation (one would idle the GPU
+    while the host launches the rest: 2.3 ms of each 7B layer's backward at 4428383). The forward of dense
+    input syncs nothing either. Checked with CUDA's sync debug mode set to raise."""
+    x = _inputs(4, 1000, torch.bfloat16, seed=11, requires_grad=True)
+    s0 = [t.requires_grad_() for t in _state(4, seed=12)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        h, st = mlstm_chunkwise_triton(*x, s0, recompute_states=recompute)
+        loss = h.float().square().mean()
+        if loss_on == "h_and_state":
+            loss = loss + sum(t.float().mean() for t in st)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(t.grad).all() for t in (*x, *s0))
+
+
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["fp32_pool", "bf16_pool"])
 @pytest.mark.parametrize("B", [1, 8, 64, 256])
 def test_step_slot_pool_7b(B, pool_dtype, rel_err, state_err):

@@ -20,10 +20,12 @@ dh_i.h_i + c_i dsum_i (exact, from the homogeneity of h in its weights) and a co
 sum_i dlogD_ij + w_j k_j.(dC_end v_j + dn_end) (= d i~_j); then d log f_t = sum_{u >= t} (row_u - col_u)
 + <dC_f, C_f> + <dn_f, n_f> within each sequence.
 
-Kernels: the forward state kernel is re-run to rebuild the chunk-start states; `_bwd_dstate_kernel` runs
+Kernels: the chunk-start states come from the forward (`mlstm_chunkwise_fwd_train` keeps them) or the
+forward's states kernel is re-run to rebuild them; `_bwd_dstate_kernel` runs
 the reverse recurrence per (sequence, head, DK tile, DV tile) and stores dC/dn at every chunk end;
 `_bwd_dqk_kernel` (per chunk, DK tile) and `_bwd_dv_kernel` (per chunk, DV tile) run in parallel.
-The O(S) gate bookkeeping runs in float64 torch.
+The O(S) gate bookkeeping runs in float64 torch, with no host synchronisation (the backward of a training
+step keeps the GPU queue full); the final-state routing is skipped when no final-state gradient is given.
 """
 
 from __future__ import annotations
@@ -290,13 +292,19 @@ def _par_cfgs(DK, DV, L, wide: str):
             dict(BK=min(bk, 32), BV=min(bv, 32), num_warps=4, num_stages=1)]
 
 
+def _device_ints(values: list[int], device) -> torch.Tensor:
+    """int64 tensor on `device` from host ints, copied without waiting for the device's queue (a plain
+    torch.tensor(..., device=cuda) synchronises the stream)."""
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+
 def _segments(tabs: SeqTables, B: int, S: int, device):
     """(seg_id [B*S] int64, seg_end [B*S] int64: one past the last flat position of each position's sequence)."""
     if tabs.offsets is None:
         pos = torch.arange(B * S, device=device)
         seg = pos // S
         return seg, (seg + 1) * S
-    offs = torch.tensor(tabs.offsets, device=device)
+    offs = _device_ints(tabs.offsets, device)
     lens = offs[1:] - offs[:-1]
     seg = torch.repeat_interleave(torch.arange(tabs.N, device=device), lens, output_size=S)
     return seg, offs[1:][seg]
@@ -317,59 +325,88 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a2, b2).reshape(N, NH).double()
 
 
+def _seq_max_first(a: torch.Tensor, seg: torch.Tensor, tabs: SeqTables, B: int, S: int):
+    """Per sequence: the max of a [NH, T] over its positions and the first flat position holding it.
+    Returns (amax [NH, N] fp64, -inf for an empty sequence; jstar [NH, N] int64, T for an empty one)."""
+    NH, T = a.shape
+    if tabs.offsets is None:  # dense: a reshape, no atomics (one long sequence would serialise them)
+        a3 = a.reshape(NH, B, S)
+        amax = a3.amax(-1)
+        first = (a3 == amax[..., None]).to(torch.uint8).argmax(-1)  # argmax returns the first maximum
+        return amax, first + torch.arange(B, device=a.device) * S
+    N = tabs.N
+    segx = seg.expand(NH, T)
+    amax = torch.full((NH, N), float("-inf"), dtype=a.dtype, device=a.device).scatter_reduce(1, segx, a, "amax")
+    pos = torch.arange(T, device=a.device).expand(NH, T)
+    is_max = a == amax.gather(1, segx)
+    jstar = torch.full((NH, N), T, dtype=torch.int64, device=a.device).scatter_reduce(
+        1, segx, torch.where(is_max, pos, T), "amin")
+    return amax, jstar
+
+
 def gate_grads(i, f, m0, Cf, nf, mf, dCf, dnf, dmf, dhh, cc, dsum, col, da, tabs: SeqTables):
     """Gate gradients and the routed final-m gradient (float64 bookkeeping over positions).
 
-    i, f [B, NH, S]; m0 [N, NH] or None; final state fp32 (mf [N, NH]) and its gradients; dhh, cc, dsum,
-    col [B, NH, S] fp32; da [n_kt, B, NH, S]. Returns (di, df [B, NH, S] fp32, dm0_route [N, NH] fp64).
+    i, f [B, NH, S]; m0 [N, NH] or None; final state fp32 (mf [N, NH]) and its gradients (each None when
+    the loss does not use it); dhh, cc, dsum, col [B, NH, S] fp32; da [n_kt, B, NH, S].
+    Returns (di, df [B, NH, S] fp32, dm0_route [N, NH] fp64).
     """
     B, NH, S = i.shape
+    N = tabs.N
     d64 = torch.float64
     flat = lambda x: x.to(d64).permute(1, 0, 2).reshape(NH, B * S)
     seg, seg_end = _segments(tabs, B, S, i.device)
     T = B * S
     ig, fg = flat(i), flat(f)
-    lf = torch.nn.functional.logsigmoid(fg)
     colpart = flat(col) + flat(da.sum(0))
     rowpart = flat(dhh) + flat(cc) * flat(dsum)
     # Within each sequence: d log f_t = sum_{u >= t} (row_u - col_u) + <dC_f, C_f> + <dn_f, n_f>.
-    phi = _inner(dCf, Cf) + _inner(dnf, nf)  # [N, NH]
-    dlf = _seg_revcumsum(rowpart - colpart, seg_end) + phi.t()[:, seg]
+    phi = torch.zeros(N, NH, dtype=d64, device=i.device)
+    if dCf is not None:
+        phi = phi + _inner(dCf, Cf)
+    if dnf is not None:
+        phi = phi + _inner(dnf, nf)
+    dlf = _seg_revcumsum(rowpart - colpart, seg_end)
     di = colpart.clone()
+    dm0_route = torch.zeros(N, NH, dtype=d64, device=i.device)
+    unflat = lambda x: x.reshape(NH, B, S).permute(1, 0, 2).float().contiguous()
+    if dCf is None and dnf is None and dmf is None:  # phi = 0 and nothing to route (a training loss on h)
+        return unflat(di), unflat(dlf * torch.sigmoid(-fg)), dm0_route
+    dlf = dlf + phi.t()[:, seg]
 
     # Final m: m_f = max(g + m0, max_j a_j); route delta = dm_f - phi to the winner.
-    delta = (dmf.to(d64) - phi).t()  # [NH, N]
+    dmf64 = torch.zeros(N, NH, dtype=d64, device=i.device) if dmf is None else dmf.to(d64)
+    delta = (dmf64 - phi).t()  # [NH, N]
+    lf = torch.nn.functional.logsigmoid(fg)
     suffix = _seg_revcumsum(lf, seg_end)  # sum_{u >= t} log f_u within the sequence
     a = suffix - lf + ig  # [NH, T]
-    N = tabs.N
-    segx = seg.expand(NH, T)
-    amax = torch.full((NH, N), float("-inf"), dtype=d64, device=i.device).scatter_reduce(1, segx, a, "amax")
+    amax, jstar = _seq_max_first(a, seg, tabs, B, S)
     if tabs.offsets is None:
         starts = torch.arange(N, device=i.device) * S
+        gseq = suffix[:, starts]  # total log decay of each sequence
     else:
-        starts = torch.tensor(tabs.offsets[:-1], device=i.device)
-    nonempty = seg_end.new_zeros(N, dtype=torch.bool)
-    nonempty[seg] = True
-    gseq = torch.zeros(NH, N, dtype=d64, device=i.device)  # total log decay of each sequence
-    gseq[:, nonempty] = suffix[:, starts[nonempty]]
+        starts = _device_ints(tabs.offsets[:-1], i.device).clamp(max=T - 1)
+        nonempty = _device_ints([int(b > a_) for a_, b in zip(tabs.offsets, tabs.offsets[1:])], i.device) > 0
+        gseq = torch.where(nonempty, suffix[:, starts], 0.0)
     m0t = torch.zeros(NH, N, dtype=d64, device=i.device) if m0 is None else m0.to(d64).reshape(N, NH).t()
     state_wins = (gseq + m0t) >= amax  # [NH, N]
+    segx = seg.expand(NH, T)
     pos = torch.arange(T, device=i.device).expand(NH, T)
-    is_max = a == amax.gather(1, segx)
-    jstar = torch.full((NH, N), T, dtype=torch.int64, device=i.device).scatter_reduce(
-        1, segx, torch.where(is_max, pos, T), "amin")
     route = torch.where(state_wins.gather(1, segx), True, pos > jstar.gather(1, segx))
     dlf = dlf + delta.gather(1, segx) * route
     hit = (~state_wins) & (jstar < T)
     di.scatter_add_(1, jstar.clamp(max=T - 1), torch.where(hit, delta, 0.0))
     df = dlf * torch.sigmoid(-fg)
-    unflat = lambda x: x.reshape(NH, B, S).permute(1, 0, 2).float().contiguous()
     return unflat(di), unflat(df), torch.where(state_wins, delta, 0.0).t()
 
 
-def mlstm_chunkwise_bwd(q, k, v, i, f, init, h, dsum, final, dh, dCf, dnf, dmf, tabs: SeqTables, L: int, eps: float):
+def mlstm_chunkwise_bwd(q, k, v, i, f, init, h, dsum, final, dh, dCf, dnf, dmf, tabs: SeqTables, L: int, eps: float,
+                        rows=None, states=None):
     """Gradients of the chunkwise forward (contiguous inputs; final = (Cf, nf, mf [N, NH]) fp32).
 
+    dCf, dnf, dmf: gradients of the final state, each None when the loss does not depend on it.
+    rows (BROW, MROW) and states (CB, NB, MB): what `mlstm_chunkwise_fwd_train` kept; states None re-runs
+    the states kernel (rows None: that re-run writes them too).
     Returns dq, dk, dv (input dtypes), di, df (fp32 [B, NH, S]), dC0, dn0 (fp32), dm0 [N, NH] fp32.
     """
     B, NH, S, DK = q.shape
@@ -380,8 +417,14 @@ def mlstm_chunkwise_bwd(q, k, v, i, f, init, h, dsum, final, dh, dCf, dnf, dmf, 
     in_dt, dot_dt, ip = dot_dtypes(q.dtype)
     fixed = dict(IN_DT=in_dt, DOT_DT=dot_dt, IP=ip)
     sd = chunk_state_dtype(q.dtype)
-    CB, NB, MB, (_, _, MF), BROW, MROW = run_states(k, v, i, f, init, tabs, L, sd)
     Cf, nf, mf = final
+    MF = mf.contiguous()
+    if states is None:
+        CB, NB, MB, _, BROW, MROW = run_states(k, v, i, f, init, tabs, L, sd, rows=rows is None)
+    else:
+        CB, NB, MB = states
+    if rows is not None:
+        BROW, MROW = rows
 
     mrow_exp = torch.exp(-MROW)
     den = torch.maximum(dsum.abs(), mrow_exp) + eps
@@ -393,7 +436,9 @@ def mlstm_chunkwise_bwd(q, k, v, i, f, init, h, dsum, final, dh, dCf, dnf, dmf, 
     DNB = torch.empty(tabs.NCT, NH, DK, device=dev, dtype=f32)
     dC0 = torch.empty(tabs.N, NH, DK, DV, device=dev, dtype=f32)
     dn0 = torch.empty(tabs.N, NH, DK, device=dev, dtype=f32)
-    dCf_, dnf_ = dCf.float().contiguous(), dnf.float().contiguous()
+    # The state-gradient recurrence starts from the final state's gradient (zeros when the loss ignores it).
+    dCf_ = torch.zeros_like(Cf, dtype=f32) if dCf is None else dCf.float().contiguous()
+    dnf_ = torch.zeros_like(nf, dtype=f32) if dnf is None else dnf.float().contiguous()
     launch(_bwd_dstate_kernel,
            lambda cfg: (tabs.N * NH * triton.cdiv(DK, cfg["BK"]) * triton.cdiv(DV, cfg["BV"]),),
            lambda cfg: (q, i, f, dh, den, cc, BROW, MROW, MB, MF, dCf_, dnf_, DCB, DNB, dC0, dn0, tabs.seq_base,
