@@ -88,7 +88,7 @@ def test_varlen_7b(rel_err, state_err):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("S", [1000, 16384])
+@pytest.mark.parametrize("S", [1000, 16384, 65536])
 def test_backward_7b_shapes(S, dtype, rel_err):
     B = 1
     x = _inputs(B, _len(S), dtype, seed=S + 5, requires_grad=True)
@@ -100,7 +100,8 @@ def test_backward_7b_shapes(S, dtype, rel_err):
     grads = [t.grad for t in (*x, *s0)]
 
     xr = [t.detach().double().requires_grad_() for t in (*x, *s0)]
-    hr, str_ = mlstm_chunkwise_torch(*xr[:5], xr[5:], chunk_size=64)
+    # The fp64 oracle's autograd keeps every chunk-start state: 256-token chunks keep 65k within the card.
+    hr, str_ = mlstm_chunkwise_torch(*xr[:5], xr[5:], chunk_size=64 if S <= 16384 else 256)
     sum((t * wt).sum() for t, wt in zip((hr, *str_), w)).backward()
     errs = {n: rel_err(a, b.grad) for n, a, b in zip(["q", "k", "v", "i", "f", "C0", "n0", "m0"], grads, xr)}
     bad = {n: f"{e:.2e}" for n, e in errs.items() if e > BWD_TOL[dtype]}
