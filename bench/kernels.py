@@ -400,6 +400,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="JSON result path (a PNG is written beside it)")
     ap.add_argument("--quick", action="store_true", help="two contexts, two batch sizes, no xl_chunk")
+    ap.add_argument("--contexts", type=int, nargs="*", help="contexts to time (default: 512 .. 65,536)")
+    ap.add_argument("--impls", nargs="*", help=f"chunkwise implementations to time (default: all of {list(SEQ_IMPLS)})")
+    ap.add_argument("--no-step", action="store_true", help="skip the decode step kernel")
     ap.add_argument("--tune", action="store_true", help="time every launch config of our kernels once, keep the best")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting new workers after this long")
     ap.add_argument("--summary", type=Path, help="print the tables of an earlier JSON result and exit")
@@ -435,9 +438,10 @@ def main(argv=None) -> int:
         return 2
     if a.tune:
         os.environ["FAST_XLSTM_TRITON_TUNE"] = "1"
-    contexts = [512, 8192] if a.quick else CONTEXTS
+    contexts = a.contexts or ([512, 8192] if a.quick else CONTEXTS)
     batches = [1, 64] if a.quick else STEP_BATCHES
-    impls = {n: v for n, v in SEQ_IMPLS.items() if not (a.quick and n == "mlstm_kernels_xl_chunk")}
+    impls = {n: v for n, v in SEQ_IMPLS.items() if not (a.quick and n == "mlstm_kernels_xl_chunk")
+             and (not a.impls or n in a.impls)}
     t0 = time.time()
     res = {"meta": _meta(), "seq": {}, "step": {}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -450,7 +454,7 @@ def main(argv=None) -> int:
     # The essential comparison first, so a short time budget still gets it.
     order = ["fast_xlstm_L64", BASELINE, "fast_xlstm_L64_recompute", "step", "fast_xlstm_L128", "mlstm_kernels_xl_chunk"]
     jobs = [(n, {"what": "step", "batches": batches} if n == "step" else seq_jobs[n])
-            for n in order if n == "step" or n in seq_jobs]
+            for n in order if (n == "step" and not a.no_step) or n in seq_jobs]
     for name, spec in jobs:
         left = a.budget_s - (time.time() - t0)
         if left < 20:

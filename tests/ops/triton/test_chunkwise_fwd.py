@@ -192,3 +192,32 @@ def test_output_kernel_rows_from_gates_equal_the_states_kernels(dtype, device, s
         assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
     with pytest.raises(ValueError, match="forget gates"):
         chunkwise_fwd.run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, 1e-6)
+
+
+def test_inference_chunk_length_follows_the_shape(device, seed, make_inputs, rel_err):
+    """Inference on one sequence's heads of 4,096+ tokens takes 128-token chunks; two sequences, shorter
+    input, small requested chunks and training keep the requested length. Both lengths compute the same h."""
+    from fast_xlstm.ops.triton import autograd
+
+    def L_for(B, NH, S, chunk=64, inference=True):
+        x = [t.to(device) for t in make_inputs(B, NH, S, 16, 16, torch.float32, seed=seed)]
+        return autograd._prepare(*x, None, None, None, None, chunk, contiguous=False, inference=inference)[-1]
+
+    assert L_for(1, 8, 4096) == 128
+    assert L_for(1, 8, 4096, inference=False) == 64
+    assert L_for(2, 8, 4096) == 64
+    assert L_for(1, 8, 4095) == 64
+    assert L_for(1, 8, 4096, chunk=32) == 32
+    cu = torch.tensor([0, 4096], dtype=torch.int32, device=device)
+    x = [t.to(device) for t in make_inputs(1, 8, 4096, 16, 16, torch.float32, seed=seed)]
+    assert autograd._prepare(*x, None, None, None, cu, 64, contiguous=False, inference=True)[-1] == 128
+
+    x = [t.to(device) for t in make_inputs(1, 2, 300, 16, 16, torch.float32, seed=seed)]
+    old = autograd.LONG_ALONE
+    try:
+        h64 = mlstm_chunkwise_triton(*x, chunk_size=64)[0]
+        autograd.LONG_ALONE = 256  # this short input takes the long-input path
+        h128 = mlstm_chunkwise_triton(*x, chunk_size=64)[0]
+    finally:
+        autograd.LONG_ALONE = old
+    assert torch.isfinite(h128).all() and rel_err(h128, h64) < 1e-5

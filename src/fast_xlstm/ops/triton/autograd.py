@@ -28,14 +28,28 @@ from .chunkwise_bwd import mlstm_chunkwise_bwd
 from .chunkwise_fwd import chunk_state_dtype, inner_contiguous, mlstm_chunkwise_fwd, mlstm_chunkwise_fwd_train
 
 
-def _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, *, contiguous: bool):
+# Inference on one sequence's heads (fewer sequence-heads than this) of at least LONG_ALONE tokens runs
+# 128-token chunks: the states kernel walks a sequence's chunks in order, and with so few recurrences in
+# flight its time is the number of steps. H100, 7B head shapes, one sequence (bench/results/
+# h100-kernels-0b3c2a1/chunk_sweep.json): 4k-65k tokens 5-9% faster than 64-token chunks (65k: 5.41 vs
+# 5.72 ms); two sequences are 15-18% slower with 128. Training keeps the requested size (its backward is
+# faster with 64: 14.5 vs 17.9 ms forward+backward at 65k).
+FEW_SEQ_HEADS = 16
+LONG_ALONE = 4096
+
+
+def _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, *, contiguous: bool, inference: bool = False):
     """Tables, chunk length and the inputs as the kernels take them: k, v in q's dtype; with
     `contiguous` (the backward kernels) every input contiguous, else (the forward kernels, which read
-    strided views) q, k, v only with a contiguous last dim and the gates as given."""
+    strided views) q, k, v only with a contiguous last dim and the gates as given. `inference`: the chunk
+    length may follow the shape (see FEW_SEQ_HEADS)."""
     B, NH, S, DK = q.shape
     offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
     longest = S if offsets is None else max([b - a for a, b in zip(offsets, offsets[1:])] + [1])
     L = chunk_len(chunk_size, longest)
+    n_seqs = B if offsets is None else len(offsets) - 1
+    if inference and n_seqs * NH < FEW_SEQ_HEADS and longest >= LONG_ALONE and chunk_size >= 64:
+        L = chunk_len(128, longest)
     tabs = seq_tables(B, NH, S, L, offsets, q.device)
     dt = q.dtype
     if contiguous:
@@ -93,7 +107,8 @@ def _chunkwise_fwd(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Op
                     z(N, NH, 1, dtype=torch.float32), q.new_empty(B, NH, 0, dtype=torch.float32))
         return (q.new_empty(B, NH, 0, DV), C0.float().clone(), n0.float().clone(), m0.float().clone(),
                 q.new_empty(B, NH, 0, dtype=torch.float32))
-    q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, contiguous=False)
+    q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, contiguous=False,
+                                            inference=True)
     h, (Cf, nf, mf), dsum = mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs, L, eps)
     return h, Cf, nf, mf.unsqueeze(-1), dsum
 
@@ -183,7 +198,9 @@ def mlstm_chunkwise_triton(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor
     q, k [B, NH, S, DK]; v [B, NH, S, DV] (fp32, bf16 or fp16; k, v are cast to q's dtype);
     i, f [B, NH, S] gate pre-activations (any float dtype, used in fp32); initial_state
     (C [N, NH, DK, DV], n [N, NH, DK], m [N, NH, 1]) or None; cu_seqlens int [N + 1] for packed input (B = 1).
-    chunk_size is rounded to a power of two in [16, 128] (a speed knob; results agree to rounding).
+    chunk_size is rounded to a power of two in [16, 128] (a speed knob; results agree to rounding);
+    inference on a single sequence's heads of 4,096+ tokens takes 128-token chunks for a chunk_size of 64
+    or more (faster there; see FEW_SEQ_HEADS).
     Returns h [B, NH, S, DV] in q's dtype and the final state in initial_state's dtype (fp32 if None).
     Differentiable in q, k, v, i, f and the initial state. recompute_states: the backward rebuilds the
     chunk-start states instead of keeping them from the forward (less memory, a slower backward); None
