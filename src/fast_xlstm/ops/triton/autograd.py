@@ -31,7 +31,7 @@ from .chunkwise_fwd import chunk_state_dtype, inner_contiguous, mlstm_chunkwise_
 # Inference on one sequence's heads (fewer sequence-heads than this) of at least LONG_ALONE tokens runs
 # 128-token chunks: the states kernel walks a sequence's chunks in order, and with so few recurrences in
 # flight its time is the number of steps. H100, 7B head shapes, one sequence (bench/results/
-# h100-kernels-0b3c2a1/chunk_sweep.json): 4k-65k tokens 5-9% faster than 64-token chunks (65k: 5.41 vs
+# h100-kernels-1fa9942/chunk_sweep-fb683d3.json): 4k-65k tokens 5-9% faster than 64-token chunks (65k: 5.41 vs
 # 5.72 ms); two sequences are 15-18% slower with 128. Training keeps the requested size (its backward is
 # faster with 64: 14.5 vs 17.9 ms forward+backward at 65k).
 FEW_SEQ_HEADS = 16
