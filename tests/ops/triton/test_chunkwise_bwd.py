@@ -102,15 +102,17 @@ def test_backward_loss_on_parts(used, recompute, packed, device, seed, make_inpu
 
 def test_kept_and_recomputed_states_give_the_same_gradients(device, seed, make_inputs, random_state):
     """Keeping the forward's chunk-start states is an exact substitute for rebuilding them: same kernels,
-    same inputs, so the gradients agree to the last bit (fp32 and bf16)."""
-    for dt in (torch.float32, torch.bfloat16):
-        x = [t.to(device) for t in make_inputs(2, 2, 70, 16, 32, dt, seed=seed)]
-        s0 = [t.to(device) for t in random_state(2, 2, 16, 32, torch.float32, seed=seed + 1)]
+    same inputs, so the gradients agree to the last bit (fp32 and bf16, dense and packed input)."""
+    for dt, offs in ((torch.float32, None), (torch.bfloat16, None), (torch.float32, [0, 3, 50, 140])):
+        B, N = (2, 2) if offs is None else (1, len(offs) - 1)
+        cu = None if offs is None else torch.tensor(offs, dtype=torch.int32, device=device)
+        x = [t.to(device) for t in make_inputs(B, 2, 70 if offs is None else offs[-1], 16, 32, dt, seed=seed)]
+        s0 = [t.to(device) for t in random_state(N, 2, 16, 32, torch.float32, seed=seed + 1)]
         grads = []
         for recompute in (False, True):
             xs = [t.clone().requires_grad_() for t in x]
             ss = [t.clone().requires_grad_() for t in s0]
-            h, st = mlstm_chunkwise_triton(*xs, ss, chunk_size=16, recompute_states=recompute)
+            h, st = mlstm_chunkwise_triton(*xs, ss, cu_seqlens=cu, chunk_size=16, recompute_states=recompute)
             w = _loss_weights(h, st, seed)
             _loss(h, st, w).backward()
             grads.append([t.grad for t in (*xs, *ss)])
@@ -191,6 +193,15 @@ def test_custom_op_registrations(device, seed, make_inputs, random_state, keep_s
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     out = torch.ops.fast_xlstm.mlstm_chunkwise_fwd.default(*args)
     assert out[7].shape == ((2 * 2, 2, 16, 16) if keep_states else (0, 2, 16, 16))  # 2 chunks of 16 per sequence
+    # Packed input: the kept states' row count is a bound from the shapes (ceil(S / L) + sequences).
+    xp = [t.to(device) for t in make_inputs(1, 2, 37, 16, 16, torch.float32, seed=seed)]
+    cu = torch.tensor([0, 5, 20, 37], dtype=torch.int32, device=device)
+    sp = [t.to(device) for t in random_state(3, 2, 16, 16, seed=seed + 2)]
+    args = (*[t.requires_grad_() for t in xp], *[t.requires_grad_() for t in sp], cu, 16, 1e-6, keep_states)
+    torch.library.opcheck(torch.ops.fast_xlstm.mlstm_chunkwise_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out = torch.ops.fast_xlstm.mlstm_chunkwise_fwd.default(*args)
+    assert out[7].shape[0] == (3 + 3 if keep_states else 0)
 
 
 def test_traces_under_torch_compile(device, seed, make_inputs, rel_err):

@@ -9,7 +9,7 @@ see `chunkwise_bwd`. Shapes: see `mlstm_chunkwise_triton`.
 
 What the backward reuses: the forward op also returns each position's within-chunk log decay and stabilizer
 (8 bytes per position and head) and, unless `recompute_states` (or FAST_XLSTM_RECOMPUTE_STATES=1), the
-chunk-start states of dense input, so the backward skips re-running the sequential states kernel. Those
+chunk-start states, so the backward skips re-running the sequential states kernel. Those
 states cost NH * DK * DV / chunk elements of memory per token while the graph holds them (32 KiB per token
 at the 7B head shapes in bf16); under activation checkpointing only the recomputed block holds them.
 """
@@ -25,7 +25,8 @@ from torch import Tensor
 from .._checks import MLSTMState, check_cu_seqlens, check_sequence_inputs, check_state
 from ._common import chunk_len, seq_tables, tl_dtype
 from .chunkwise_bwd import mlstm_chunkwise_bwd
-from .chunkwise_fwd import chunk_state_dtype, inner_contiguous, mlstm_chunkwise_fwd, mlstm_chunkwise_fwd_train
+from .chunkwise_fwd import (chunk_state_dtype, inner_contiguous, kept_chunks, mlstm_chunkwise_fwd,
+                            mlstm_chunkwise_fwd_train)
 
 
 # Inference on one sequence's heads (fewer sequence-heads than this) of at least LONG_ALONE tokens runs
@@ -42,10 +43,12 @@ def _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, *, contiguous: b
     """Tables, chunk length and the inputs as the kernels take them: k, v in q's dtype; with
     `contiguous` (the backward kernels) every input contiguous, else (the forward kernels, which read
     strided views) q, k, v only with a contiguous last dim and the gates as given. `inference`: the chunk
-    length may follow the shape (see FEW_SEQ_HEADS)."""
+    length may follow the shape (see FEW_SEQ_HEADS), and packed input's follows its longest sequence;
+    training (the custom ops) fixes it from the shapes alone, so that the kept chunk states' count is
+    known to a traced graph (`kept_chunks`)."""
     B, NH, S, DK = q.shape
     offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
-    longest = S if offsets is None else max([b - a for a, b in zip(offsets, offsets[1:])] + [1])
+    longest = S if offsets is None or not inference else max([b - a for a, b in zip(offsets, offsets[1:])] + [1])
     L = chunk_len(chunk_size, longest)
     n_seqs = B if offsets is None else len(offsets) - 1
     if inference and n_seqs * NH < FEW_SEQ_HEADS and longest >= LONG_ALONE and chunk_size >= 64:
@@ -72,9 +75,9 @@ def chunkwise_fwd_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: 
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns h [B, NH, S, DV] (q's dtype), final C, n, m [N, NH, 1] (fp32), then what the backward reuses:
     dsum, brow, mrow [B, NH, S] fp32 (signed normalizer sums, within-chunk log decay, stabilizers) and the
-    chunk-start states CB [NCT, NH, DK, DV] (chunk-state dtype), NB [NCT, NH, DK], MB [NCT, NH] fp32, which
-    are empty unless keep_states and the input is dense (packed input's chunk count depends on the
-    values of cu_seqlens, which a traced graph's shapes cannot)."""
+    chunk-start states CB [K, NH, DK, DV] (chunk-state dtype), NB [K, NH, DK], MB [K, NH] fp32 with
+    K = `kept_chunks(...)` rows (packed input: an upper bound on its chunk count, which depends on the
+    values of cu_seqlens), or K = 0 unless keep_states."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     N = _num_seqs(q, cu_seqlens)
@@ -82,8 +85,9 @@ def chunkwise_fwd_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: 
         h, Cf, nf, mf, dsum = _chunkwise_fwd(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps)
         return (h, Cf, nf, mf, dsum, dsum.clone(), dsum.clone(), *_empty_states(q, NH, DK, DV))
     q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, contiguous=False)
-    keep = keep_states and cu_seqlens is None
-    h, (Cf, nf, mf), dsum, (brow, mrow), states = mlstm_chunkwise_fwd_train(q, k, v, i, f, init, tabs, L, eps, keep)
+    alloc = kept_chunks(B, S, N, L, cu_seqlens is not None)
+    h, (Cf, nf, mf), dsum, (brow, mrow), states = mlstm_chunkwise_fwd_train(q, k, v, i, f, init, tabs, L, eps,
+                                                                            keep_states, alloc)
     return (h, Cf, nf, mf.unsqueeze(-1), dsum, brow, mrow, *(states or _empty_states(q, NH, DK, DV)))
 
 
@@ -120,8 +124,8 @@ def _(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps, keep_states):
     N = _num_seqs(q, cu_seqlens)
     f32 = torch.float32
     rows = [q.new_empty(B, NH, S, dtype=f32) for _ in range(3)]
-    if keep_states and cu_seqlens is None and S > 0:
-        nct = B * -(-S // chunk_len(chunk_size, S))
+    if keep_states and S > 0:
+        nct = kept_chunks(B, S, N, chunk_len(chunk_size, S), cu_seqlens is not None)
         states = (q.new_empty(nct, NH, DK, DV, dtype=chunk_state_dtype(q.dtype)), q.new_empty(nct, NH, DK, dtype=f32),
                   q.new_empty(nct, NH, dtype=f32))
     else:
@@ -147,7 +151,7 @@ def chunkwise_bwd_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: 
                 f.new_zeros(f.shape, dtype=f32), zf(dCf, Cf), zf(dnf, nf), zf(dmf, mf))
     q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, contiguous=True)
     final = (Cf, nf, mf.squeeze(-1))
-    states = (CB, NB, MB) if CB.shape[0] == tabs.NCT and tabs.NCT > 0 else None
+    states = (CB, NB, MB) if CB.shape[0] >= tabs.NCT and CB.shape[0] > 0 else None
     dq, dk, dv, di, df, dC0, dn0, dm0 = mlstm_chunkwise_bwd(
         q, k, v, i, f, init, h, dsum, final, dh, dCf, dnf, None if dmf is None else dmf.squeeze(-1), tabs, L, eps,
         rows=(brow, mrow), states=states)

@@ -279,14 +279,15 @@ def _pool_view(init, N: int, NH: int, state_rows: torch.Tensor | None):
 
 
 def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dtype,
-               state_rows: torch.Tensor | None = None, rows: bool = True):
+               state_rows: torch.Tensor | None = None, rows: bool = True, alloc_chunks: int = 0):
     """Runs kernel 1 (also re-run by the backward). init: (C0, N0, M0) or None.
 
     k [B, NH, S, DK], v [B, NH, S, DV] with contiguous last dims, i, f [B, NH, S], any strides.
     init: (C0 [N, NH, DK, DV], N0 [N, NH, DK], M0 [N, NH] or [N, NH, 1]); with `state_rows` (int64 [N]
     on the device), a contiguous pool (C0 [P, NH, DK, DV], N0 [P, NH, DK], M0 [P, NH, 1]) of which
     sequence r reads row state_rows[r] in place (the pool is never written).
-    Returns CB [NCT, NH, DK, DV] (state_dtype), NB [NCT, NH, DK], MB [NCT, NH] (chunk-start states),
+    Returns CB [NCT, NH, DK, DV] (state_dtype), NB [NCT, NH, DK], MB [NCT, NH] (chunk-start states; with
+    alloc_chunks > NCT they have that many rows, the rest unset),
     (CF, NF, MF [N, NH]) final state, BROW, MROW [B, NH, S] (None unless `rows`, which the backward
     asks for: the forward's output kernel derives them itself); all fp32 unless said.
     """
@@ -294,9 +295,10 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
     DV = v.shape[-1]
     dev = k.device
     f32 = torch.float32
-    CB = torch.empty(tabs.NCT, NH, DK, DV, device=dev, dtype=state_dtype)
-    NB = torch.empty(tabs.NCT, NH, DK, device=dev, dtype=f32)
-    MB = torch.empty(tabs.NCT, NH, device=dev, dtype=f32)
+    nct = max(tabs.NCT, alloc_chunks)
+    CB = torch.empty(nct, NH, DK, DV, device=dev, dtype=state_dtype)
+    NB = torch.empty(nct, NH, DK, device=dev, dtype=f32)
+    MB = torch.empty(nct, NH, device=dev, dtype=f32)
     CF = torch.empty(tabs.N, NH, DK, DV, device=dev, dtype=f32)
     NF = torch.empty(tabs.N, NH, DK, device=dev, dtype=f32)
     MF = torch.empty(tabs.N, NH, device=dev, dtype=f32)
@@ -387,7 +389,15 @@ def mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float
 
 
 
-def mlstm_chunkwise_fwd_train(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float, keep_states: bool):
+def kept_chunks(B: int, S: int, N: int, L: int, packed: bool) -> int:
+    """Rows of the kept chunk states, known from shapes alone (a traced graph's fake kernel needs them):
+    dense input has B * ceil(S / L) chunks; packed input (B = 1) at most ceil(S / L) + N, since each
+    sequence adds at most one partial chunk."""
+    return -(-S // L) + N if packed else B * -(-S // L)
+
+
+def mlstm_chunkwise_fwd_train(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float, keep_states: bool,
+                              alloc_chunks: int = 0):
     """The forward as training runs it: `mlstm_chunkwise_fwd` plus what the backward reuses.
 
     Returns h, (CF, NF, MF), dsum as `mlstm_chunkwise_fwd`, then rows = (BROW, MROW) [B, NH, S] fp32 (each
@@ -395,10 +405,11 @@ def mlstm_chunkwise_fwd_train(q, k, v, i, f, init, tabs: SeqTables, L: int, eps:
     with keep_states, the chunk-start states (CB [NCT, NH, DK, DV] in the chunk-state dtype, NB [NCT, NH, DK],
     MB [NCT, NH] fp32), else None. Keeping them spares the backward its re-run of the sequential states
     kernel (2.5-4 ms per 7B layer per 65,536 tokens on an H100) for NH * DK * DV / L elements of memory per
-    token (32 KiB in bf16 at the 7B head shapes, 64-token chunks).
+    token (32 KiB in bf16 at the 7B head shapes, 64-token chunks). alloc_chunks: see `run_states`.
     """
     B, NH, S, _ = q.shape
-    CB, NB, MB, final, _, _ = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype), rows=False)
+    CB, NB, MB, final, _, _ = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype), rows=False,
+                                         alloc_chunks=alloc_chunks if keep_states else 0)
     rows = tuple(torch.zeros(B, NH, S, device=q.device, dtype=torch.float32) for _ in range(2))
     h, dsum = run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, eps, True, f=f, rows_out=rows)
     return h, final, dsum, rows, ((CB, NB, MB) if keep_states else None)
