@@ -311,6 +311,24 @@ def _meta() -> dict:
     return meta
 
 
+COPY_BOUND_GBPS = 2970.0  # device-to-device copy on the H100 (../shared/spec/anchors.md), read + write
+BF16_PEAK_TFLOPS = 989.0
+
+
+def forward_work(ctx: int, tokens: int = TOKENS, L: int = 64) -> tuple[float, float]:
+    """(FLOPs, bytes) of our chunkwise forward over `tokens` tokens at context `ctx`, 7B heads, bf16.
+
+    FLOPs: per token and head, the chunk's scores q k^T (L x DK) and weighted values (L x DV), the
+    inter-chunk q C (DK x DV) and the chunk's state update k^T v (DK x DV), 2 FLOPs per multiply-add.
+    Bytes: what the two kernels must move: the states kernel reads k, v; the output kernel reads q, k, v and
+    writes h (bf16); the chunk-start states C (bf16, DK x DV per chunk and head) are written once and read
+    once. Gates and normalizers (fp32 per position and head) are left out (under 2%)."""
+    nct = (tokens // ctx) * -(-ctx // L)
+    flops = 2.0 * NH * tokens * (L * DK + L * DV + 2 * DK * DV)
+    nbytes = 2.0 * NH * tokens * ((DK + DV) + (2 * DK + 2 * DV)) + 2.0 * 2 * nct * NH * DK * DV
+    return flops, nbytes
+
+
 def summary(res: dict) -> str:
     """Plain-text tables of a result dict."""
     lines = [f"device: {res['meta'].get('device')}  torch {res['meta'].get('torch')}  triton "
@@ -341,6 +359,16 @@ def summary(res: dict) -> str:
         for side, e in (r.get("err_vs_fp64") or {}).items():
             lines.append(f"{n}: {side} vs fp64: max/max {e['max_rel']:.2e}, per-position relative error median "
                          f"{e['row_median']:.1e} p99 {e['row_p99']:.1e} max {e['row_max']:.1e}")
+    fwd = seq.get("fast_xlstm_L64", {}).get("fwd_ms", {})
+    if fwd:
+        lines.append(f"\nforward roofline, fast_xlstm_L64 (copy bandwidth {COPY_BOUND_GBPS:.0f} GB/s, bf16 dense "
+                     f"{BF16_PEAK_TFLOPS:.0f} TFLOP/s): the two-kernel design's compulsory traffic and its products")
+        lines.append(f"{'context':>8} {'ms':>7} {'GB':>6} {'GB/s':>6} {'x bw':>5} {'TFLOP':>6} {'TFLOP/s':>8}")
+        for c in sorted(int(x) for x in fwd):
+            ms = fwd.get(str(c), fwd.get(c))
+            flops, nbytes = forward_work(c)
+            lines.append(f"{c:>8} {ms:7.3f} {nbytes / 1e9:6.2f} {nbytes / ms / 1e6:6.0f} "
+                         f"{nbytes / ms / 1e6 / COPY_BOUND_GBPS:5.2f} {flops / 1e12:6.3f} {flops / ms / 1e9:8.1f}")
     st = res.get("step", {})
     if st:
         lines.append(f"\ndecode step (slot pool, in place), copy bandwidth {st.get('copy_GBps') or 0:.0f} GB/s")
