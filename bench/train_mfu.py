@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--peak-flops", type=float, default=None, help="per-GPU peak (default: known GPUs, else 989e12)")
     p.add_argument("--out", default=None, help="JSON result file (rank 0)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile two more: device time per step by kind and top kernels")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke test of this script only")
     p.add_argument("--shape", default="7b", choices=("7b", "tiny"), help="tiny: smoke test of this script only")
     return p.parse_args(argv)
@@ -118,6 +120,49 @@ def make_batch(args: argparse.Namespace, vocab: int, device: torch.device, gen: 
         ids[starts] = 0  # every document begins with BOS 0
     labels = torch.roll(ids, -1, dims=1)
     return ids, starts, labels
+
+
+_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitKreduce")),
+          ("mlstm", ("_fwd_states_kernel", "_fwd_out_kernel", "_bwd_", "_rowdot")),
+          ("nccl", ("nccl",)),
+          ("optimizer", ("multi_tensor_apply", "foreach")),
+          ("inductor", ("triton_",)),
+          ("copy", ("Memcpy", "Memset", "copy_kernel", "CatArray")))
+
+
+def _kind(name: str) -> str:
+    for kind, keys in _KINDS:
+        if any(k in name for k in keys):
+            return kind
+    return "other"
+
+
+def profile_steps(step, sync, steps: int = 2) -> dict:
+    """Device time per training step by kind of kernel (GEMMs, the mLSTM kernels, compiled glue, the optimizer,
+    collectives, copies, other) and the top kernels, from torch.profiler over `steps` steps; `wall_ms` is
+    the step's host-measured time under the profiler, so wall minus the kinds' sum bounds the GPU's idle
+    time on one stream (collectives may overlap)."""
+    sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - t0) / steps
+    by_name: dict[str, list[float]] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if us > 0:
+            acc = by_name.setdefault(ev.key[:100], [0.0, 0.0])
+            acc[0] += us / 1e3 / steps
+            acc[1] += ev.count / steps
+    by_kind: dict[str, float] = {}
+    for name, (ms, _) in by_name.items():
+        by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + ms
+    top = sorted(({"name": n, "ms": v[0], "calls": v[1], "kind": _kind(n)} for n, v in by_name.items()),
+                 key=lambda r: -r["ms"])[:40]
+    return {"wall_ms": wall * 1e3, "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "kernel_ms": sum(by_kind.values()), "top": top}
 
 
 def git_commit() -> str:
@@ -176,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             sync()
             if k >= args.warmup:
                 times.append(time.perf_counter() - t0)
+        prof = profile_steps(step, sync) if args.profile and cuda else None
         # The slowest rank sets the pace: take each step's max over ranks.
         t = torch.tensor(times, device=env.device)
         if env.world_size > 1:
@@ -205,11 +251,18 @@ def main(argv: list[str] | None = None) -> int:
             "max_memory_allocated_gib": torch.cuda.max_memory_allocated(env.device) / 2**30 if cuda else None,
             "losses": losses,
         }
+        if prof is not None:
+            result["profile"] = prof
         if env.is_main:
             print(f"{result['device']} x{env.world_size}, {blocks} blocks ({params / 1e9:.2f}B params), "
                   f"seq {args.seq_len}, backend {backend}: {tps_gpu:,.0f} tokens/s per GPU, "
                   f"MFU {result['mfu']:.1%} (step {med * 1e3:.0f} ms, peak mem "
                   f"{result['max_memory_allocated_gib'] or 0:.1f} GiB)", flush=True)
+            if prof is not None:
+                print(f"profile, ms per step: wall {prof['wall_ms']:.1f}, "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms"].items()), flush=True)
+                for row in prof["top"][:12]:
+                    print(f"  {row['ms']:8.2f} ms  {row['calls']:5.0f}x  {row['name']}", flush=True)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
