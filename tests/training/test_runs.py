@@ -41,6 +41,27 @@ def test_two_processes_match_one(reference_run, tmp_path):
     assert got[10]["val_loss"] == pytest.approx(ref[10]["val_loss"], abs=1e-5)
 
 
+def test_fused_adamw_on_sharded_parameters_matches_foreach(reference_run, tmp_path):
+    """optim.implementation=fused on two processes (FSDP2 DTensor shards, gloo) follows the reference run's
+    foreach AdamW: the two compute the same update in another order (fp32 rounding only). The same
+    DTensor dispatch runs the CUDA kernel that `auto` picks on GPUs."""
+    cfg = golden_config(reference_run.config["data"]["path"], tmp_path / "run",
+                        **{"train.micro_batch_size": 1, "checkpoint.every": 100, "optim.implementation": "fused"})
+    r = run_subprocess(train_command(write_config(tmp_path / "c.yaml", cfg), nproc=2))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got, ref = step_records(tmp_path / "run"), reference_run.records
+    assert sorted(got) == sorted(ref)
+    for s in ref:
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], abs=1e-4), s
+        assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-3), s
+
+
+def test_optimizer_implementation_is_checked():
+    from fast_xlstm.training.config import OptimSection
+    with pytest.raises(ValueError, match="optim.implementation"):
+        OptimSection(implementation="fast")
+
+
 def test_kill_and_resume_equals_uninterrupted(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     cfg = golden_config(reference_run.config["data"]["path"], run_dir, **{"debug.step_delay_s": 0.3})

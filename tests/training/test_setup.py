@@ -65,6 +65,19 @@ def test_schedule_warmup_exponential_decay_cooldown():
     assert lr_at(50, 101, 1.0, cos) == pytest.approx(0.55) and lr_at(100, 101, 1.0, cos) == pytest.approx(0.1)
 
 
+def test_optimizer_implementation_follows_the_config_and_device():
+    """auto: foreach on CPU (the golden runs), fused where every parameter is on CUDA; explicit choices win."""
+    from fast_xlstm.training.config import OptimSection
+    from fast_xlstm.training.optim import build_optimizer
+    model = XLSTMForCausalLM.from_config(xlstm_tiny())
+    auto = build_optimizer(model, OptimSection())
+    assert auto.defaults["foreach"] and not auto.defaults["fused"]
+    fused = build_optimizer(model, OptimSection(implementation="fused"))
+    assert fused.defaults["fused"] and not fused.defaults["foreach"]
+    if torch.cuda.is_available():
+        assert build_optimizer(model.cuda(), OptimSection()).defaults["fused"]
+
+
 def test_weight_decay_only_on_matrices_and_not_the_embedding():
     model = XLSTMForCausalLM.from_config(xlstm_tiny())
     names = {id(p): n for n, p in model.named_parameters()}

@@ -31,8 +31,13 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_embedding: bool
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, decay_embedding=cfg.weight_decay_on_embedding),
-                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+    """AdamW over `param_groups`; `cfg.implementation` picks torch's fused or foreach kernels ("auto": fused
+    when every parameter lives on a CUDA device)."""
+    groups = param_groups(model, cfg.weight_decay, decay_embedding=cfg.weight_decay_on_embedding)
+    fused = cfg.implementation == "fused" or (
+        cfg.implementation == "auto" and all(p.device.type == "cuda" for g in groups for p in g["params"]))
+    kind = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kind)
 
 
 def lr_at(step: int, total_steps: int, peak: float, cfg: ScheduleSection) -> float:
