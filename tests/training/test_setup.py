@@ -78,6 +78,31 @@ def test_optimizer_implementation_follows_the_config_and_device():
         assert build_optimizer(model.cuda(), OptimSection()).defaults["fused"]
 
 
+def test_grad_clipping_scales_to_the_max_norm_and_skips_non_finite():
+    """The global norm equals the fp64 norm over every gradient; clipping scales all of them by
+    max_norm / norm (only when above it); a non-finite norm leaves them as they were."""
+    from fast_xlstm.training.optim import grad_norm_and_clip
+    torch.manual_seed(0)
+    model = XLSTMForCausalLM.from_config(xlstm_tiny())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 0.1
+    before = [p.grad.clone() for p in model.parameters()]
+    want = torch.cat([g.double().flatten() for g in before]).norm().item()
+    norm = grad_norm_and_clip(model, 0.0)  # no clipping
+    assert norm.item() == pytest.approx(want, rel=1e-5)
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    norm = grad_norm_and_clip(model, want * 2)  # below the bound: untouched
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    norm = grad_norm_and_clip(model, 0.5)
+    after = torch.cat([p.grad.double().flatten() for p in model.parameters()]).norm().item()
+    assert after == pytest.approx(0.5, rel=1e-4) and norm.item() == pytest.approx(want, rel=1e-5)
+    first = next(model.parameters())
+    first.grad[0].fill_(float("nan"))
+    kept = [p.grad.clone() for p in model.parameters()]
+    assert not torch.isfinite(grad_norm_and_clip(model, 0.5))
+    assert all(torch.equal(p.grad.nan_to_num(), k.nan_to_num()) for p, k in zip(model.parameters(), kept))
+
+
 def test_weight_decay_only_on_matrices_and_not_the_embedding():
     model = XLSTMForCausalLM.from_config(xlstm_tiny())
     names = {id(p): n for n, p in model.named_parameters()}

@@ -70,22 +70,32 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _sq_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squares of all elements of `tensors` as an fp32 scalar (per-tensor norms in multi-tensor
+    kernels: a handful of launches, not three per parameter)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.nn.utils.get_total_norm(tensors, 2.0, foreach=True).float().square()
+
+
 @torch.no_grad()
 def grad_norm_and_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Global L2 norm of all gradients (sharded ones summed over ranks, replicated ones counted once),
     then scales them to `max_norm` (0 = no clipping). Returns the norm before clipping (fp32 scalar);
-    a non-finite norm leaves the gradients untouched."""
+    a non-finite norm leaves the gradients untouched. No host synchronisation: the scale is a device
+    scalar (on an H100, the per-parameter version took ~17 ms of a 7B-shape step in ~400 kernels)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
     replicated = [g for g in grads if not isinstance(g, DTensor)]
     device = (sharded or replicated)[0].device
-    sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
+    sq_sharded = _sq_norm(sharded, device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sq_sharded)
-    sq_replicated = sum((g.float().pow(2).sum() for g in replicated), torch.zeros((), device=device))
-    norm = (sq_sharded + sq_replicated).sqrt()
-    if max_norm > 0 and torch.isfinite(norm):
+    norm = (sq_sharded + _sq_norm(replicated, device)).sqrt()
+    if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in sharded + replicated:
-            g.mul_(scale)
+        scale = torch.where(torch.isfinite(norm), scale, torch.ones_like(scale))
+        local = [g for g in sharded + replicated if g.numel()]
+        if local:
+            torch._foreach_mul_(local, scale)
     return norm
