@@ -203,9 +203,10 @@ class XLSTMForCausalLM(nn.Module):
             raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if input_ids.numel():
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read-back (one device sync), not two
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
         if state is not None and len(state) != self.config.num_blocks:
             raise ValueError(f"state must hold {self.config.num_blocks} per-block states, got {len(state)}")
         x = self.backbone.embeddings(input_ids)
