@@ -66,6 +66,19 @@ def runner_prefill(model, lengths: list[int], repeat: int) -> dict[str, dict[int
     return out
 
 
+def first_token_ms(engine: LLMEngine, prompt: list[int], max_tokens: int = 4) -> float:
+    """Wall ms from add_request to the request's first token (greedy), stepping the engine until idle."""
+    sync()
+    t0 = time.perf_counter()
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    first = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.request_id == rid and first is None and o.new_token_ids:
+                first = 1e3 * (time.perf_counter() - t0)
+    return first
+
+
 def engine_ttft(model, prefix_cache: bool, requests: int, shared: int = 2048, own: int = 64) -> list[float]:
     """TTFT (ms) of `requests` sequential requests sharing a `shared`-token prefix."""
     vocab = model.config.vocab_size
@@ -75,14 +88,7 @@ def engine_ttft(model, prefix_cache: bool, requests: int, shared: int = 2048, ow
     ttfts = []
     for r in range(requests + 1):  # request 0 warms up (and fills the cache)
         prompt = prefix + torch.randint(1, vocab, (own,), generator=g).tolist()
-        sync()
-        t0 = time.perf_counter()
-        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        first = None
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.request_id == rid and first is None and o.new_token_ids:
-                    first = 1e3 * (time.perf_counter() - t0)
+        first = first_token_ms(engine, prompt)
         if r:
             ttfts.append(first)
     print(f"[engine_ttft] engine ttft prefix cache {'on' if prefix_cache else 'off'}: "

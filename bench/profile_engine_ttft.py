@@ -17,27 +17,19 @@ import json
 import pstats
 import statistics
 import threading
-import time
 
 import torch
+from engine_ttft import first_token_ms  # (bench/ is the script's folder)
 
 from fast_xlstm.config import get_preset
 from fast_xlstm.engine import LLMEngine
-from fast_xlstm.generation.params import SamplingParams
 from fast_xlstm.model import XLSTMForCausalLM
 
 
 def one_request(engine: LLMEngine, prompt: list[int]) -> tuple[float, float]:
     """(ms to the first token, ms of it inside runner.prefill)."""
-    torch.cuda.synchronize()
     prefill0 = engine.stats["prefill_time"]
-    t0 = time.perf_counter()
-    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    first = None
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.request_id == rid and first is None and o.new_token_ids:
-                first = 1e3 * (time.perf_counter() - t0)
+    first = first_token_ms(engine, prompt, max_tokens=1)
     return first, 1e3 * (engine.stats["prefill_time"] - prefill0)
 
 
