@@ -109,14 +109,15 @@ class MLSTMLayer(nn.Module):
 
     def cell(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
              state: MLSTMState | None, cu_seqlens: torch.Tensor | None,
-             plan: "PackedPlan | None" = None, state_rows: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, MLSTMState]:
+             plan: "PackedPlan | None" = None, state_rows: torch.Tensor | None = None,
+             final_to_pool: bool = False) -> tuple[torch.Tensor, MLSTMState | None]:
         """The mLSTM cell over sequences: q, k [B, S, qk], v [B, S, v], i, f [B, S, NH] ->
         h [B, S, NH, DV] and the final state (through the ops dispatch). `plan`: a
         `ops.triton.PackedPlan` for packed input (B = 1) with device-side tables, instead of cu_seqlens;
         with it, `state_rows` (int64 [N]) makes `state` a state pool whose rows state_rows[r] the
-        kernel reads in place as the initial states. q, k, v and the gates go to the kernels as strided
-        views of the projections (no copies)."""
+        kernel reads in place as the initial states, and `final_to_pool` has the kernel write the final
+        states back into those rows (the returned state is then None). q, k, v and the gates go to the
+        kernels as strided views of the projections (no copies)."""
         B, S, _ = q.shape
         nh = self.num_heads
         q, k, v = (x.reshape(B, S, nh, -1).transpose(1, 2) for x in (q, k, v))  # [B, NH, S, D*]
@@ -124,7 +125,7 @@ class MLSTMLayer(nn.Module):
             raise ValueError("state_rows (initial states from pool rows) needs a plan")
         if plan is not None:
             h, state = ops.mlstm_chunkwise_planned(q, k, v, i.transpose(1, 2), f.transpose(1, 2), state, plan,
-                                                   eps=self.eps, state_rows=state_rows)
+                                                   eps=self.eps, state_rows=state_rows, final_to_pool=final_to_pool)
         else:
             h, state = ops.mlstm_chunkwise(q, k, v, i.transpose(1, 2), f.transpose(1, 2), state,
                                            cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, eps=self.eps)

@@ -72,14 +72,13 @@ class MLSTMBlock(nn.Module):
                       plan: "PackedPlan") -> torch.Tensor:
         """Packed prefill x [1, T, d] of the plan's sequences from pool rows `rows` [N] int64 (updated in place).
 
-        The kernel reads the initial states straight from the pool rows (no gather kernels); the final
-        states come back in separate buffers and are written here, since padding sequences of the plan
-        repeat real ones (same rows) and a write from the kernel would race.
+        The kernels read the initial states straight from the pool rows (no gather kernels), and the
+        output kernel writes the final states back (no scatter kernels): it runs after the states kernel
+        has read every initial state, and padding sequences of the plan (which repeat real ones' rows)
+        write nothing.
         """
         q, k, v, o, i, f = self.pre_cell(x)
-        h, final = self.mlstm_layer.cell(q, k, v, i, f, pool, None, plan=plan, state_rows=rows)
-        for t, new in zip(pool, final):
-            t.index_copy_(0, rows, new.to(t.dtype))
+        h, _ = self.mlstm_layer.cell(q, k, v, i, f, pool, None, plan=plan, state_rows=rows, final_to_pool=True)
         return self.post_cell(x, h, o)
 
 

@@ -152,11 +152,14 @@ def planned_prefill_supported(x: torch.Tensor) -> bool:
 
 def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
                             initial_state: MLSTMState, plan: "PackedPlan", *, eps: float = 1e-6,
-                            state_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
+                            state_rows: torch.Tensor | None = None, final_to_pool: bool = False
+                            ) -> tuple[torch.Tensor, MLSTMState | None]:
     """Packed inference forward from a `triton.PackedPlan` (no host sync). With `state_rows` (int64 [N]),
-    `initial_state` is a state pool and sequence r starts from its row state_rows[r]. Shapes: see
+    `initial_state` is a state pool and sequence r starts from its row state_rows[r]; `final_to_pool`
+    writes the final states back into those rows (and returns None for them). Shapes: see
     `triton.planned.mlstm_chunkwise_planned`."""
     mod = _triton()
     if mod is None:
         raise RuntimeError("the planned (device-table) prefill needs the Triton kernels, which are unavailable")
-    return mod.mlstm_chunkwise_planned(q, k, v, i, f, initial_state, plan, eps=eps, state_rows=state_rows)
+    return mod.mlstm_chunkwise_planned(q, k, v, i, f, initial_state, plan, eps=eps, state_rows=state_rows,
+                                       final_to_pool=final_to_pool)

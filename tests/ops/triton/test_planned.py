@@ -117,6 +117,16 @@ def test_planned_forward_reads_pool_rows(lengths, max_seqs, pool_dtype, device, 
         assert rel_err(h[:, :, a:e].cpu(), h_or) < TOL[torch.float32], f"sequence {r}"
         assert state_err([t[r:r + 1].cpu() for t in st], st_or) < TOL[torch.float32], f"sequence {r}"
 
+    # final_to_pool: the output kernel writes each real sequence's final state into its row (rounded to
+    # the pool's dtype), leaves every other row alone, and h is unchanged.
+    written = [t.clone() for t in pool]
+    h_w, st_w = ops.mlstm_chunkwise_planned(q, k, v, i, f, written, plan, state_rows=rows_t, final_to_pool=True)
+    assert st_w is None and torch.equal(h_w[:, :, :used], h[:, :, :used])
+    for t_w, t0, t_st in zip(written, before, st):
+        for row in range(P):
+            want = t_st[real.index(row)].to(pool_dtype) if row in real else t0[row]
+            assert torch.equal(t_w[row], want), f"pool row {row}"
+
 
 def test_planned_pool_rows_rejects_bad_input(device, make_inputs, random_state):
     NH, DK, DV, T = 2, 16, 16, 32

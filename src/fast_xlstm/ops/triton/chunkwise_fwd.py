@@ -143,10 +143,17 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, STATE_ROWS, CB, NB, MB, CF, NF, M
 def _fwd_out_kernel(Q, K, V, I, F, CB, NB, MB, BROW, MROW, H, DSUM,
                     SEQ_BASE, SEQ_LEN, CHUNK_SEQ, CHUNK_J, NH, S, n_vt, scale, eps,
                     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sib, sih, sis, sfb, sfh, sfs,
+                    CF, NF, MF, PC, PN, PM, POOL_ROWS,
                     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     IN_DT: tl.constexpr, DOT_DT: tl.constexpr, IP: tl.constexpr, ROWS_FROM_GATES: tl.constexpr,
-                    STORE_ROWS: tl.constexpr):
+                    STORE_ROWS: tl.constexpr, WRITE_POOL: tl.constexpr):
     """Outputs of one chunk for one DV tile.
+
+    WRITE_POOL: the program of a sequence's last chunk also copies that sequence's final state (CF, NF, MF
+    from the states kernel, fp32) into the state pool (PC [P, NH, DK, DV], PN [P, NH, DK], PM [P, NH, 1],
+    any float dtype, contiguous) at row POOL_ROWS[r]. This kernel runs after the states kernel has read every
+    initial state from the pool, so the write cannot race those reads; the copy rides in a launch that
+    runs anyway (a short graph-captured prefill would otherwise replay three copy kernels per layer).
 
     Q, K [B, NH, S, DK], V [B, NH, S, DV] with strides (sxb, sxh, sxs, 1), I, F [B, NH, S] with strides
     (sib, sih, sis), (sfb, sfh, sfs); reads the buffers written by `_fwd_states_kernel`: with
@@ -217,6 +224,20 @@ def _fwd_out_kernel(Q, K, V, I, F, CB, NB, MB, BROW, MROW, H, DSUM,
     out = acc_h / den[:, None]
     tl.store(H + rows[:, None] * DV + dv[None, :], rtne(out, H.dtype.element_ty), mask=valid[:, None] & mv[None, :])
     tl.store(DSUM + rows, dsum, mask=valid & (vt == 0))
+
+    if WRITE_POOL:
+        if j == tl.cdiv(seqlen, L) - 1:
+            rh = r.to(tl.int64) * NH + h64
+            ph = tl.load(POOL_ROWS + r).to(tl.int64) * NH + h64
+            for k0 in range(0, DK, BK):
+                dk = k0 + tl.arange(0, BK)
+                mk = dk < DK
+                tile = dk[:, None] * DV + dv[None, :]
+                cf = tl.load(CF + rh * (DK * DV) + tile, mask=mk[:, None] & mv[None, :], other=0.0)
+                tl.store(PC + ph * (DK * DV) + tile, rtne(cf, PC.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+                nf = tl.load(NF + rh * DK + dk, mask=mk, other=0.0)
+                tl.store(PN + ph * DK + dk, rtne(nf, PN.dtype.element_ty), mask=mk & (vt == 0))
+            tl.store(PM + ph, rtne(tl.load(MF + rh), PM.dtype.element_ty), mask=vt == 0)
 
 
 # Sequence-heads (sequences x heads) from which the states kernel takes its widest DV tiles.
@@ -329,10 +350,13 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
 
 
 def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: float, zero_fill: bool = True,
-            f: torch.Tensor | None = None, rows_out: tuple[torch.Tensor, torch.Tensor] | None = None):
+            f: torch.Tensor | None = None, rows_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+            final_to_pool=None):
     """Runs kernel 2 (q, k, v with contiguous last dims, i and f any strides). BROW and MROW None: the
     kernel derives them from the forget gates `f`, and writes them into `rows_out` (two fp32 [B, NH, S]
-    buffers) when given.
+    buffers) when given. final_to_pool: ((CF, NF, MF) fp32 final states [N, ...], (C, n, m) a contiguous
+    state pool, rows int64 [N]): the kernel also copies each sequence's final state into pool row
+    rows[r] (see `_fwd_out_kernel`).
 
     Returns h [B, NH, S, DV] in q's dtype and dsum [B, NH, S] fp32, both contiguous (zero_fill=False:
     dsum unset outside the sequences, as h always is).
@@ -356,16 +380,28 @@ def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: fl
     else:
         brow, mrow = (MB, MB) if from_gates else (BROW, MROW)  # placeholders, never read from gates
 
+    write_pool = final_to_pool is not None
+    if write_pool:
+        (CF, NF, MF), (PC, PN, PM), pool_rows = final_to_pool
+        if not all(t.is_contiguous() for t in (PC, PN, PM)):
+            raise ValueError("a state pool written by the output kernel must be contiguous")
+        pool_dtypes = (PC.dtype, PN.dtype, PM.dtype)
+    else:
+        CF = NF = MF = PC = PN = PM = pool_rows = MB  # placeholders, never read or written
+        pool_dtypes = None
+
     def grid(cfg):
         return (tabs.NCT * triton.cdiv(DV, cfg["BV"]), NH)
 
     def args_for(cfg):
         return (q, k, v, i, f, CB, NB, MB, brow, mrow, h, dsum, tabs.seq_base, tabs.seq_len, tabs.chunk_seq,
-                tabs.chunk_j, NH, S, triton.cdiv(DV, cfg["BV"]), DK ** -0.5, eps, *strides, DK, DV, L)
+                tabs.chunk_j, NH, S, triton.cdiv(DV, cfg["BV"]), DK ** -0.5, eps, *strides,
+                CF, NF, MF, PC, PN, PM, pool_rows, DK, DV, L)
 
     launch(_fwd_out_kernel, grid, args_for, _out_cfgs(DK, DV, L),
-           dict(IN_DT=in_dt, DOT_DT=dot_dt, IP=ip, ROWS_FROM_GATES=from_gates, STORE_ROWS=store_rows),
-           key=(DK, DV, L, q.dtype, CB.dtype, from_gates, store_rows))
+           dict(IN_DT=in_dt, DOT_DT=dot_dt, IP=ip, ROWS_FROM_GATES=from_gates, STORE_ROWS=store_rows,
+                WRITE_POOL=write_pool),
+           key=(DK, DV, L, q.dtype, CB.dtype, from_gates, store_rows, pool_dtypes))
     return h, dsum
 
 
@@ -376,14 +412,20 @@ def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float,
-                        state_rows: torch.Tensor | None = None, zero_fill: bool = True):
+                        state_rows: torch.Tensor | None = None, zero_fill: bool = True, final_to_pool: bool = False):
     """Forward on q, k, v [B, NH, S, D*] with contiguous last dims and gates [B, NH, S] (any strides);
     init and state_rows: see `run_states`; zero_fill=False leaves dsum unset outside the sequences
-    (inference: a fill kernel less, which a short prefill's graph would replay per layer). Returns
-    h [B, NH, S, DV] (contiguous), (CF, NF, MF [N, NH]) fp32 and dsum [B, NH, S] fp32."""
+    (inference: a fill kernel less, which a short prefill's graph would replay per layer);
+    final_to_pool (with state_rows): each sequence's final state is also written into the pool row it
+    started from. Returns h [B, NH, S, DV] (contiguous), (CF, NF, MF [N, NH]) fp32 and dsum [B, NH, S] fp32."""
     CB, NB, MB, final, _, _ = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype), state_rows,
                                          rows=False)
-    h, dsum = run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, eps, zero_fill, f=f)
+    to_pool = None
+    if final_to_pool:
+        if state_rows is None:
+            raise ValueError("final_to_pool needs state_rows (the pool rows to write)")
+        to_pool = (final, tuple(init), state_rows)
+    h, dsum = run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, eps, zero_fill, f=f, final_to_pool=to_pool)
     return h, final, dsum
 
 

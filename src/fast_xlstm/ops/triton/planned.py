@@ -103,7 +103,8 @@ class PackedPlan:
 
 def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
                             initial_state: MLSTMState, plan: PackedPlan, *, eps: float = 1e-6,
-                            state_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
+                            state_rows: torch.Tensor | None = None, final_to_pool: bool = False
+                            ) -> tuple[torch.Tensor, MLSTMState | None]:
     """Inference forward of packed sequences described by `plan` (no autograd, no host sync).
 
     q, k [1, NH, T, DK]; v [1, NH, T, DV]; i, f [1, NH, T]. Views are read in place (no copies): q, k, v
@@ -111,14 +112,16 @@ def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     the gates any strides. initial_state (any float dtype): without `state_rows`, (C [N, NH, DK, DV],
     n [N, NH, DK], m [N, NH, 1]) with N = plan's max_seqs; with `state_rows` (int64 [N] on the device),
     a contiguous state pool (C [P, NH, DK, DV], n [P, NH, DK], m [P, NH, 1]) from which sequence r
-    starts at row state_rows[r], read by the kernel (no gather); the pool is not modified.
-    Positions outside the plan's sequences get unspecified h. Returns h [1, NH, T, DV] in q's dtype
-    (contiguous) and the final state [N, ...] (fp32).
+    starts at row state_rows[r], read by the kernel (no gather); the pool is not modified unless
+    `final_to_pool`, which writes each real sequence's final state back into its row (by the output
+    kernel, after every initial state was read; padding sequences write nothing) and returns None for
+    the final state. Positions outside the plan's sequences get unspecified h. Returns h [1, NH, T, DV]
+    in q's dtype (contiguous) and the final state [N, ...] (fp32) or None.
     """
     dt = q.dtype
     q, k, v = (inner_contiguous(x.to(dt)) for x in (q, k, v))
     init = tuple(initial_state)
     # Inference only: the positions outside the plan's sequences (a bucket's tail) are never read.
     h, (Cf, nf, mf), _ = mlstm_chunkwise_fwd(q, k, v, i, f, init, plan.tables, plan.L, eps, state_rows=state_rows,
-                                             zero_fill=False)
-    return h, (Cf, nf, mf.unsqueeze(-1))
+                                             zero_fill=False, final_to_pool=final_to_pool)
+    return h, (None if final_to_pool else (Cf, nf, mf.unsqueeze(-1)))
