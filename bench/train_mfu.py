@@ -113,11 +113,11 @@ def cell_flops_per_token(cfg: XLSTMConfig, chunk: int) -> float:
 
 def make_batch(args: argparse.Namespace, vocab: int, device: torch.device, gen: torch.Generator):
     ids = torch.randint(1, vocab, (args.micro_batch, args.seq_len), generator=gen, device=device)
-    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts = torch.zeros(ids.shape, dtype=torch.bool)  # host memory, as the training loader gives it
     if args.docs_per_row:
         step = max(1, args.seq_len // args.docs_per_row)
         starts[:, ::step] = True
-        ids[starts] = 0  # every document begins with BOS 0
+        ids[:, ::step] = 0  # every document begins with BOS 0
     labels = torch.roll(ids, -1, dims=1)
     return ids, starts, labels
 

@@ -74,3 +74,18 @@ def test_without_the_cut_the_state_would_leak():
     with torch.no_grad():
         a, b = model(ids)[0][0, 40:], model(other)[0][0, 40:]
     assert (a - b).abs().max() > 1e-3
+
+
+def test_packed_logits_hands_the_model_host_offsets():
+    """The offsets reach the model in host memory whatever device the ids are on (each mLSTM layer reads
+    them as ints: from device memory that read would wait for the GPU, several times per layer and step)."""
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, ids, cu_seqlens=None):
+            seen["cu"] = cu_seqlens
+            return torch.zeros(*ids.shape, 3), None
+
+    ids = random_ids((2, S), seed=3).to("meta")  # any device but the host's (CI has no GPU)
+    packed_logits(Spy(), ids, STARTS)
+    assert seen["cu"].device.type == "cpu" and seen["cu"].tolist() == [0, 40, 96, 126, 192]

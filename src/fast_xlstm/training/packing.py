@@ -30,9 +30,12 @@ def segment_offsets(doc_starts: torch.Tensor) -> torch.Tensor:
 
 
 def packed_logits(model: nn.Module, input_ids: torch.Tensor, doc_starts: torch.Tensor) -> torch.Tensor:
-    """input_ids [B, S], doc_starts [B, S] -> logits fp32 [B, S, V], no state crossing a document start."""
+    """input_ids [B, S], doc_starts [B, S] -> logits fp32 [B, S, V], no state crossing a document start.
+
+    The offsets stay in host memory: every mLSTM layer (and its recompute and backward) reads them as
+    Python ints to plan its kernels, which from a device tensor would wait for the GPU each time."""
     B, S = input_ids.shape
-    cu = segment_offsets(doc_starts).to(input_ids.device)
+    cu = segment_offsets(doc_starts.cpu())
     logits, _ = model(input_ids.reshape(1, B * S), cu_seqlens=cu)
     return logits.reshape(B, S, -1)
 

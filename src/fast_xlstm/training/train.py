@@ -97,7 +97,7 @@ class Trainer:
 
     def _micro_loss(self, batch: Batch) -> torch.Tensor:
         dev = self.env.device
-        logits = packed_logits(self.model, batch.input_ids.to(dev), batch.doc_starts.to(dev))
+        logits = packed_logits(self.model, batch.input_ids.to(dev), batch.doc_starts)
         return loss_sum(logits, batch.labels.to(dev))
 
     def train_step(self, batches: list[Batch]) -> tuple[float, float]:
