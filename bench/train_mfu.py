@@ -43,7 +43,7 @@ from fast_xlstm.config import XLSTMConfig, xlstm_tiny  # noqa: E402
 from fast_xlstm.training.config import OptimSection  # noqa: E402
 from fast_xlstm.training.metrics import device_peak_flops  # noqa: E402
 from fast_xlstm.training.optim import build_optimizer, grad_norm_and_clip  # noqa: E402
-from fast_xlstm.training.packing import loss_sum, packed_logits  # noqa: E402
+from fast_xlstm.training.packing import loss_sum, packed_loss_sum  # noqa: E402
 from fast_xlstm.training.parallelize import (  # noqa: E402
     build_model,
     destroy_distributed,
@@ -197,21 +197,21 @@ def main(argv: list[str] | None = None) -> int:
         backend = ops.resolve_backend(torch.empty(1, device=env.device)).name
 
         def step() -> float:
-            total = 0.0
+            total = torch.zeros((), device=env.device)
             for _ in range(args.accum):
                 ids, starts, labels = make_batch(args, cfg.vocab_size, env.device, gen)
                 if args.docs_per_row:
-                    logits = packed_logits(model, ids, starts)
+                    loss = packed_loss_sum(model, ids, starts, labels)
                 else:
-                    logits = model(ids)[0]
-                loss = loss_sum(logits, labels) / labels.numel()
+                    loss = loss_sum(model(ids)[0], labels)
+                loss = loss / labels.numel()
                 loss.backward()
-                total += float(loss.detach())
+                total += loss.detach()  # on the device: a read-back per micro-batch would idle the GPU
             sync_replicated_grads(model, env)
             grad_norm_and_clip(model, 0.5)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return total / args.accum
+            return float(total) / args.accum
 
         times, losses = [], []
         for k in range(args.warmup + args.steps):

@@ -89,3 +89,36 @@ def test_packed_logits_hands_the_model_host_offsets():
     ids = random_ids((2, S), seed=3).to("meta")  # any device but the host's (CI has no GPU)
     packed_logits(Spy(), ids, STARTS)
     assert seen["cu"].device.type == "cpu" and seen["cu"].tolist() == [0, 40, 96, 126, 192]
+
+
+def test_packed_loss_sum_equals_the_loss_of_the_packed_logits():
+    """The model's fused head loss (forward(labels=...)) is the same math as logits then cross-entropy:
+    loss and every gradient agree, with ignored targets in the labels."""
+    from fast_xlstm.training.packing import packed_loss_sum
+
+    ids = random_ids((2, S), seed=5)
+    labels = torch.roll(ids, -1, dims=1)
+    labels[1, :20] = IGNORE_INDEX  # e.g. prompt tokens of chat data
+    results = []
+    for fused in (False, True):
+        model = tiny_model(seed=13).train()
+        loss = (packed_loss_sum(model, ids, STARTS, labels) if fused
+                else loss_sum(packed_logits(model, ids, STARTS), labels))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    assert torch.isfinite(got) and rel_err(got, want) < 1e-6
+    assert want_grads.keys() == got_grads.keys()
+    for name, g in want_grads.items():
+        assert rel_err(got_grads[name], g) < 1e-5, name
+
+
+def test_labels_must_match_the_ids():
+    import pytest
+
+    model = tiny_model(seed=13)
+    ids = random_ids((2, S), seed=5)
+    with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
+        model(ids, labels=ids[:, 1:])
+    with pytest.raises(ValueError, match="exclude each other"):
+        model(ids, labels=ids, last_logits_only=True)

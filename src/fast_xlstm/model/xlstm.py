@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import XLSTMConfig
@@ -23,6 +24,9 @@ if TYPE_CHECKING:  # the Triton package is imported only where the kernels run
 
 ModelState = list[MLSTMState]
 """One (C [N, NH, DK, DV], n [N, NH, DK], m [N, NH, 1]) tuple per block."""
+
+IGNORE_INDEX = -100
+"""A label that carries no loss (`forward(labels=...)`): PyTorch's cross-entropy default."""
 
 
 class MLSTMBlock(nn.Module):
@@ -184,9 +188,18 @@ class XLSTMForCausalLM(nn.Module):
         logits = self.lm_head(self.backbone.out_norm(x)).float()
         return soft_cap(logits, self.config.output_logit_soft_cap)
 
+    def head_loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed fp32 cross-entropy of the soft-capped head: x [..., d] last hidden states, labels [...]
+        (IGNORE_INDEX = no loss) -> scalar. The same math as `_head` then cross-entropy; written as one
+        function so that, compiled (training does), everything after the head GEMM fuses into a
+        reduction over the model-dtype logits: no fp32 logits, and no fp32 logit gradient, are stored."""
+        logits = self._head(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None, *,
-                cu_seqlens: torch.Tensor | None = None, last_logits_only: bool = False
-                ) -> tuple[torch.Tensor, ModelState]:
+                cu_seqlens: torch.Tensor | None = None, last_logits_only: bool = False,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
         """Runs token sequences.
 
         Args:
@@ -195,8 +208,11 @@ class XLSTMForCausalLM(nn.Module):
             cu_seqlens: int tensor [N + 1] of packed-sequence offsets into T (each sequence starts
                 from its own state and none sees another's tokens).
             last_logits_only: compute the head only at each sequence's last position.
+            labels: int64 targets shaped like input_ids (IGNORE_INDEX = no loss): return the summed
+                fp32 cross-entropy (a scalar, `head_loss_sum`) in place of the logits (training).
         Returns:
-            logits fp32 [B, S, V] (or [N, V] with last_logits_only) and the new state.
+            logits fp32 [B, S, V] (or [N, V] with last_logits_only; or the loss with labels) and the
+            new state.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [B, S], got {tuple(input_ids.shape)}")
@@ -208,6 +224,12 @@ class XLSTMForCausalLM(nn.Module):
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
         if state is not None and len(state) != self.config.num_blocks:
             raise ValueError(f"state must hold {self.config.num_blocks} per-block states, got {len(state)}")
+        if labels is not None:
+            if last_logits_only:
+                raise ValueError("labels (a loss over every position) and last_logits_only exclude each other")
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(labels.shape)}")
         x = self.backbone.embeddings(input_ids)
         new_state: ModelState = []
         for b, block in enumerate(self.backbone.blocks):
@@ -223,6 +245,8 @@ class XLSTMForCausalLM(nn.Module):
                 if bool((lengths <= 0).any()):
                     raise ValueError("last_logits_only needs at least one token per packed sequence")
                 x = x[0, cu_seqlens[1:].long() - 1]
+        if labels is not None:
+            return self.head_loss_sum(x, labels), new_state
         return self._head(x), new_state
 
     def step(self, token_ids: torch.Tensor, state: ModelState | None) -> tuple[torch.Tensor, ModelState]:

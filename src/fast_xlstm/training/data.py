@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model.xlstm import IGNORE_INDEX  # targets that carry no loss (prompt tokens of chat data)
 from .corpus import TokenCorpus
 
-IGNORE_INDEX = -100  # targets that carry no loss (prompt tokens of chat data)
+__all__ = ["IGNORE_INDEX", "Batch", "PackedLoader"]
 
 
 @dataclass

@@ -40,6 +40,20 @@ def packed_logits(model: nn.Module, input_ids: torch.Tensor, doc_starts: torch.T
     return logits.reshape(B, S, -1)
 
 
+def packed_loss_sum(model: nn.Module, input_ids: torch.Tensor, doc_starts: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """input_ids, labels [B, S], doc_starts [B, S] -> the summed fp32 cross-entropy over targets that are
+    not IGNORE_INDEX, no state crossing a document start. Equal to `loss_sum(packed_logits(...), labels)`,
+    but the model computes it from its last hidden states (`forward(labels=...)`), so a compiled model
+    never stores the [B*S, V] fp32 logits or their gradient."""
+    B, S = input_ids.shape
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    cu = segment_offsets(doc_starts.cpu())
+    loss, _ = model(input_ids.reshape(1, B * S), cu_seqlens=cu, labels=labels.reshape(1, B * S))
+    return loss
+
+
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy (fp32) over targets that are not IGNORE_INDEX. logits [..., V], labels [...].
 

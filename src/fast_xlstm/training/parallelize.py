@@ -103,12 +103,21 @@ def _checkpointed(forward):
     return run
 
 
-def _compile_pointwise(block: nn.Module) -> None:
-    """Compiles the parts that fuse well: norms and the SwiGLU FFN. The mLSTM cell is left alone: it
-    is its own kernel on GPU and its packed (varlen) path loops over documents in Python."""
-    for name in ("norm_mlstm", "norm_ffn", "ffn"):
-        getattr(block, name).compile(fullgraph=True)
-    block.mlstm_layer.multihead_norm.compile(fullgraph=True)
+def _compile_regions(model: XLSTMForCausalLM) -> None:
+    """Compiles each block's two regions around the mLSTM cell and the head's loss (fullgraph, forward
+    and backward through AOTAutograd).
+
+    - `pre_cell`: norm, projections, fp32 gates and their soft cap;
+    - `post_cell`: head norm, output gate, out projection, residual, norm, SwiGLU FFN, residual;
+    - `head_loss_sum`: out norm, head, soft cap and cross-entropy, so no fp32 logits are stored.
+
+    The cell stays outside: on GPU it is the Triton kernels' custom op, and its packed input plans
+    its launches from host-side offsets. Regions, not single modules, so inductor fuses the residual
+    adds, casts and gate math into the norms and the GEMM epilogues of its own choosing."""
+    for block in model.backbone.blocks:
+        block.pre_cell = torch.compile(block.pre_cell, fullgraph=True)
+        block.post_cell = torch.compile(block.post_cell, fullgraph=True)
+    model.head_loss_sum = torch.compile(model.head_loss_sum, fullgraph=True)
 
 
 def build_model(config: XLSTMConfig, env: DistEnv, *, dtype: torch.dtype, activation_checkpointing: bool = False,
@@ -126,12 +135,12 @@ def build_model(config: XLSTMConfig, env: DistEnv, *, dtype: torch.dtype, activa
     for block in model.backbone.blocks:
         if activation_checkpointing:
             block.forward = _checkpointed(block.forward)
-        if compile:
-            _compile_pointwise(block)
         fully_shard(block, mesh=env.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                     ignored_params=set(gate_params(block)))
     # The root holds embedding, out norm and head; it stays unsharded between forward and backward.
     fully_shard(model, mesh=env.mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=replicated)
+    if compile:
+        _compile_regions(model)
     model.to_empty(device=env.device)
     return model
 

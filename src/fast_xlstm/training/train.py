@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import Batch
 from .metrics import MetricsLogger, device_peak_flops, mfu
 from .optim import build_optimizer, grad_norm_and_clip, lr_at, set_lr
-from .packing import loss_sum, packed_logits
+from .packing import packed_loss_sum
 from .parallelize import DistEnv, destroy_distributed, init_distributed, sync_replicated_grads
 from .setup import copy_tokenizer, find_tokenizer, grad_accum_steps, make_loaders, make_model, model_config
 
@@ -97,8 +97,7 @@ class Trainer:
 
     def _micro_loss(self, batch: Batch) -> torch.Tensor:
         dev = self.env.device
-        logits = packed_logits(self.model, batch.input_ids.to(dev), batch.doc_starts)
-        return loss_sum(logits, batch.labels.to(dev))
+        return packed_loss_sum(self.model, batch.input_ids.to(dev), batch.doc_starts, batch.labels.to(dev))
 
     def train_step(self, batches: list[Batch]) -> tuple[float, float]:
         """Forward/backward over this rank's micro-batches and the optimizer update: (loss, grad norm)."""
