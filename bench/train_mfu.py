@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="documents packed per row (state reset at each start); 0 = plain [B, S] forward")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotune)")
-    p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--ac", action="store_true", help="activation checkpointing on every block")
+    p.add_argument("--ac-blocks", default=None,
+                   help="checkpoint only the first N blocks, or auto: the fewest with which the blocks fit")
     p.add_argument("--compile", action="store_true", help="torch.compile the norms and FFNs")
     p.add_argument("--no-reshard", action="store_true", help="keep block weights gathered between fwd and bwd")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -83,24 +85,47 @@ def model_shape(args: argparse.Namespace, blocks: int) -> XLSTMConfig:
     return XLSTMConfig(num_blocks=blocks)
 
 
-def auto_blocks(world: int, args: argparse.Namespace) -> int:
-    """Most blocks (<= 32) whose sharded fp32 weights + grads + AdamW state and activations fit."""
-    free = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * 0.85
+def memory_need(args: argparse.Namespace, world: int, blocks: int, ac_blocks: int) -> float:
+    """Estimated peak bytes per GPU with `blocks` blocks, the first `ac_blocks` of them checkpointed:
+    sharded fp32 weights + grads + AdamW state (16 bytes per parameter), the gathered bf16 weights,
+    the head's bf16 logits and their gradient, and activations. Per token and block that is ~15 d-wide
+    bf16 values kept for the backward (q, k, v, o, norms, FFN) plus the cell's chunk-start states
+    (NH x DK x DV bf16 per chunk), calibrated on 8 blocks at 8k (d565d2e: 1.2 GiB per block at 8,192
+    tokens); a checkpointed block keeps its input only, and the recompute holds one block at a time."""
     one, two = model_shape(args, 1), model_shape(args, 2)
     per_block = two.num_parameters() - one.num_parameters()
     base = one.num_parameters() - per_block  # embedding, head, out norm
     tokens = args.micro_batch * args.seq_len
     d = one.embedding_dim
-    logits = tokens * one.vocab_size * 4 * 3  # fp32 logits, their grad, the softmax
-    # Per token and block: ~30 x d bf16 values inside a block (q, k, v, o, FFN), plus the cell's
-    # per-chunk states (fp32 C per head every chunk_size tokens); with AC only a block's input is kept.
-    inside = 2 * 30 * d + 4 * one.num_heads * one.qk_head_dim * one.v_head_dim / one.chunk_size
+    logits = tokens * one.vocab_size * 2 * 3
+    inside = 2 * 15 * d + 2 * one.num_heads * one.qk_head_dim * one.v_head_dim / one.chunk_size
+    gathered = 2 * per_block * (blocks if args.no_reshard else 2)
+    states = 16 * (base + blocks * per_block) / world
+    act = tokens * (2 * d * ac_blocks + inside * (blocks - ac_blocks + (1 if ac_blocks else 0)))
+    return states + gathered + logits + act
+
+
+def free_bytes() -> float:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * 0.85
+
+
+def auto_blocks(world: int, args: argparse.Namespace) -> int:
+    """Most blocks (<= 32) that fit (`memory_need` in 85% of the GPU memory), checkpointing every block
+    when --ac or --ac-blocks is given, else none."""
+    free = free_bytes()
     for n in range(32, 0, -1):
-        states = 16 * (base + n * per_block) / world
-        act = tokens * (2 * d * n + inside) if args.ac else tokens * inside * n
-        if states + act + logits < free:
+        if memory_need(args, world, n, n if (args.ac or args.ac_blocks) else 0) < free:
             return n
     raise SystemExit("not even one block fits: use more GPUs or a shorter --seq-len")
+
+
+def auto_ac_blocks(world: int, args: argparse.Namespace, blocks: int) -> int:
+    """Fewest checkpointed blocks with which `blocks` blocks fit: recompute only what memory needs."""
+    free = free_bytes()
+    for k in range(blocks + 1):
+        if memory_need(args, world, blocks, k) < free:
+            return k
+    return blocks
 
 
 def cell_flops_per_token(cfg: XLSTMConfig, chunk: int) -> float:
@@ -162,7 +187,26 @@ def profile_steps(step, sync, steps: int = 2) -> dict:
     top = sorted(({"name": n, "ms": v[0], "calls": v[1], "kind": _kind(n)} for n, v in by_name.items()),
                  key=lambda r: -r["ms"])[:40]
     return {"wall_ms": wall * 1e3, "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "kernel_ms": sum(by_kind.values()), "top": top}
+            "kernel_ms": sum(by_kind.values()), "top": top, "idle": idle_profile(step, sync)}
+
+
+def idle_profile(step, sync) -> dict:
+    """One more step traced with host activity too: the device's idle gaps and their causes
+    (`trace_gaps.idle_gaps`: a host sync, or launches slower than the device). Host tracing slows the
+    host, so launch-bound gaps read longer than unprofiled; sync-caused gaps are the ones to remove."""
+    import tempfile
+
+    from trace_gaps import idle_gaps  # (bench/ is the script's folder)
+
+    sync()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return idle_gaps(path, min_gap_us=20.0, top=25)
 
 
 def git_commit() -> str:
@@ -185,9 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
         blocks = auto_blocks(env.world_size, args) if args.blocks == "auto" else int(args.blocks)
+        if args.ac_blocks is None:
+            ac_blocks = blocks if args.ac else 0
+        elif args.ac_blocks == "auto":
+            ac_blocks = auto_ac_blocks(env.world_size, args, blocks) if cuda else blocks
+        else:
+            ac_blocks = min(int(args.ac_blocks), blocks)
         cfg = model_shape(args, blocks)
         dtype = getattr(torch, args.dtype) if cuda else torch.float32
-        model = build_model(cfg, env, dtype=dtype, activation_checkpointing=args.ac, compile=args.compile,
+        model = build_model(cfg, env, dtype=dtype, activation_checkpointing=ac_blocks, compile=args.compile,
                             reshard_after_forward=not args.no_reshard)
         init_model_(model, recipe="7b", seed=0)
         model.train()
@@ -240,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "shape": {"blocks": blocks, "embedding_dim": cfg.embedding_dim, "num_heads": cfg.num_heads,
                       "ffn_dim": cfg.ffn_dim, "vocab_size": cfg.vocab_size, "seq_len": args.seq_len},
             "parameters": params,
+            "checkpointed_blocks": ac_blocks,
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "step_time_s": {"median": med, "min": min(times), "max": max(times), "all": times},
             "tokens_per_s_per_gpu": tps_gpu,
@@ -254,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         if prof is not None:
             result["profile"] = prof
         if env.is_main:
-            print(f"{result['device']} x{env.world_size}, {blocks} blocks ({params / 1e9:.2f}B params), "
+            print(f"{result['device']} x{env.world_size}, {blocks} blocks ({params / 1e9:.2f}B params, "
+                  f"{ac_blocks} checkpointed), "
                   f"seq {args.seq_len}, backend {backend}: {tps_gpu:,.0f} tokens/s per GPU, "
                   f"MFU {result['mfu']:.1%} (step {med * 1e3:.0f} ms, peak mem "
                   f"{result['max_memory_allocated_gib'] or 0:.1f} GiB)", flush=True)
@@ -263,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
                       + ", ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms"].items()), flush=True)
                 for row in prof["top"][:12]:
                     print(f"  {row['ms']:8.2f} ms  {row['calls']:5.0f}x  {row['name']}", flush=True)
+                idle = prof["idle"]
+                print(f"one step traced with the host: window {idle['window_ms']:.1f} ms, device busy "
+                      f"{idle['busy_ms']:.1f}, idle {idle['idle_ms']:.1f} in {idle['gaps']} gaps; by cause:", flush=True)
+                for row in idle["by_cause"][:15]:
+                    print(f"  {row['ms']:8.2f} ms  {row['gaps']:5d}x  {row['cause']}", flush=True)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

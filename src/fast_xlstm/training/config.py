@@ -133,11 +133,13 @@ class ScheduleSection:
 @dataclass
 class ParallelSection:
     """Devices and speed options. dtype "auto" = bf16 compute with fp32 master weights on GPU, fp32
-    on CPU. FSDP2 (`fully_shard` per block) is always on: one process is a world of one."""
+    on CPU. FSDP2 (`fully_shard` per block) is always on: one process is a world of one.
+    activation_checkpointing: true = every block, false = none, an int n = the first n blocks (the
+    recompute costs a block's forward again; checkpoint only as many blocks as memory needs)."""
 
     device: str = "auto"
     dtype: str = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | int = False
     compile: bool = False
     reshard_after_forward: bool = True
     cpu_threads: int = 0
@@ -147,6 +149,8 @@ class ParallelSection:
         _need(self.dtype in ("auto", "bfloat16", "float32"), "parallel.dtype",
               f"must be auto, bfloat16 or float32, got {self.dtype!r}")
         _need(self.cpu_threads >= 0, "parallel.cpu_threads", "must be >= 0 (0 = torch's default)")
+        _need(isinstance(self.activation_checkpointing, bool) or self.activation_checkpointing >= 0,
+              "parallel.activation_checkpointing", "must be true, false or a number of blocks >= 0")
 
 
 @dataclass

@@ -120,9 +120,21 @@ def _compile_regions(model: XLSTMForCausalLM) -> None:
     model.head_loss_sum = torch.compile(model.head_loss_sum, fullgraph=True)
 
 
-def build_model(config: XLSTMConfig, env: DistEnv, *, dtype: torch.dtype, activation_checkpointing: bool = False,
+def checkpointed_blocks(activation_checkpointing: bool | int, num_blocks: int) -> int:
+    """How many blocks (the first ones) run under activation checkpointing: True = all, False = none,
+    an int n = min(n, num_blocks)."""
+    if isinstance(activation_checkpointing, bool):
+        return num_blocks if activation_checkpointing else 0
+    if activation_checkpointing < 0:
+        raise ValueError(f"activation_checkpointing must be a bool or a block count >= 0, got {activation_checkpointing}")
+    return min(int(activation_checkpointing), num_blocks)
+
+
+def build_model(config: XLSTMConfig, env: DistEnv, *, dtype: torch.dtype, activation_checkpointing: bool | int = False,
                 compile: bool = False, reshard_after_forward: bool = True) -> XLSTMForCausalLM:
-    """A sharded model with allocated but uninitialised weights (call `init_model_` or `load_hub_weights_`)."""
+    """A sharded model with allocated but uninitialised weights (call `init_model_` or `load_hub_weights_`).
+    activation_checkpointing: True (every block), False, or the number of blocks, from the first, to
+    checkpoint (`checkpointed_blocks`)."""
     if config.tie_word_embeddings:
         raise ValueError("training with tied embeddings is not supported (the xLSTM 7B unties them)")
     if config.weight_mode != "single":
@@ -132,8 +144,9 @@ def build_model(config: XLSTMConfig, env: DistEnv, *, dtype: torch.dtype, activa
     mp = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32
           else MixedPrecisionPolicy())
     replicated = set(gate_params(model))
-    for block in model.backbone.blocks:
-        if activation_checkpointing:
+    n_ac = checkpointed_blocks(activation_checkpointing, config.num_blocks)
+    for b, block in enumerate(model.backbone.blocks):
+        if b < n_ac:
             block.forward = _checkpointed(block.forward)
         fully_shard(block, mesh=env.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                     ignored_params=set(gate_params(block)))
