@@ -42,6 +42,18 @@ if INTERPRET:
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def device_ints(values: list[int], device: torch.device | str) -> torch.Tensor:
+    """int64 [len(values)] on `device`, copied without waiting for the device's queue.
+
+    A plain `torch.tensor(..., device=cuda)`, or a non-blocking copy from pageable host memory, makes
+    the host wait until the stream has drained, so the GPU idles while the host refills it. From
+    pinned memory the copy is queued like a kernel (PyTorch's pinned-memory cache keeps the buffer
+    until the copy has run)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
 def tl_dtype(dtype: torch.dtype):
     if dtype not in _TL_DTYPES:
         raise ValueError(f"the Triton mLSTM kernels take fp32, bf16 or fp16 inputs, got {dtype} "
@@ -130,7 +142,7 @@ def _packed_tables(offsets: list[int], L: int, device) -> SeqTables:
         cj += list(range(nc))
         acc += nc
     # One host-to-device copy for all the small tables.
-    packed = torch.tensor(offsets[:-1] + lens + offs + cs + cj, dtype=torch.int64).to(device, non_blocking=True)
+    packed = device_ints(offsets[:-1] + lens + offs + cs + cj, device)
     i32 = packed.to(torch.int32)
     return SeqTables(N, acc, packed[:N], i32[N:2 * N], i32[2 * N:3 * N], i32[3 * N:3 * N + acc],
                      i32[3 * N + acc:], list(offsets))

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SeqTables, dot_dtypes, dotcast, launch, logsigmoid, pow2, rtne
+from ._common import SeqTables, device_ints, dot_dtypes, dotcast, launch, logsigmoid, pow2, rtne
 from .chunkwise_fwd import chunk_state_dtype, run_states
 
 
@@ -292,10 +292,6 @@ def _par_cfgs(DK, DV, L, wide: str):
             dict(BK=min(bk, 32), BV=min(bv, 32), num_warps=4, num_stages=1)]
 
 
-def _device_ints(values: list[int], device) -> torch.Tensor:
-    """int64 tensor on `device` from host ints, copied without waiting for the device's queue (a plain
-    torch.tensor(..., device=cuda) synchronises the stream)."""
-    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _segments(tabs: SeqTables, B: int, S: int, device):
@@ -304,7 +300,7 @@ def _segments(tabs: SeqTables, B: int, S: int, device):
         pos = torch.arange(B * S, device=device)
         seg = pos // S
         return seg, (seg + 1) * S
-    offs = _device_ints(tabs.offsets, device)
+    offs = device_ints(tabs.offsets, device)
     lens = offs[1:] - offs[:-1]
     seg = torch.repeat_interleave(torch.arange(tabs.N, device=device), lens, output_size=S)
     return seg, offs[1:][seg]
@@ -385,8 +381,8 @@ def gate_grads(i, f, m0, Cf, nf, mf, dCf, dnf, dmf, dhh, cc, dsum, col, da, tabs
         starts = torch.arange(N, device=i.device) * S
         gseq = suffix[:, starts]  # total log decay of each sequence
     else:
-        starts = _device_ints(tabs.offsets[:-1], i.device).clamp(max=T - 1)
-        nonempty = _device_ints([int(b > a_) for a_, b in zip(tabs.offsets, tabs.offsets[1:])], i.device) > 0
+        starts = device_ints(tabs.offsets[:-1], i.device).clamp(max=T - 1)
+        nonempty = device_ints([int(b > a_) for a_, b in zip(tabs.offsets, tabs.offsets[1:])], i.device) > 0
         gseq = torch.where(nonempty, suffix[:, starts], 0.0)
     m0t = torch.zeros(NH, N, dtype=d64, device=i.device) if m0 is None else m0.to(d64).reshape(N, NH).t()
     state_wins = (gseq + m0t) >= amax  # [NH, N]
