@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON result file (rank 0)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, profile two more: device time per step by kind and top kernels")
+    p.add_argument("--trace", default=None, help="with --profile: keep the host+device trace of one step (.json.gz)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke test of this script only")
     p.add_argument("--shape", default="7b", choices=("7b", "tiny"), help="tiny: smoke test of this script only")
     return p.parse_args(argv)
@@ -162,7 +163,7 @@ def _kind(name: str) -> str:
     return "other"
 
 
-def profile_steps(step, sync, steps: int = 2) -> dict:
+def profile_steps(step, sync, steps: int = 2, keep_trace: str | None = None) -> dict:
     """Device time per training step by kind of kernel (GEMMs, the mLSTM kernels, compiled glue, the optimizer,
     collectives, copies, other) and the top kernels, from torch.profiler over `steps` steps; `wall_ms` is
     the step's host-measured time under the profiler, so wall minus the kinds' sum bounds the GPU's idle
@@ -187,10 +188,10 @@ def profile_steps(step, sync, steps: int = 2) -> dict:
     top = sorted(({"name": n, "ms": v[0], "calls": v[1], "kind": _kind(n)} for n, v in by_name.items()),
                  key=lambda r: -r["ms"])[:40]
     return {"wall_ms": wall * 1e3, "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "kernel_ms": sum(by_kind.values()), "top": top, "idle": idle_profile(step, sync)}
+            "kernel_ms": sum(by_kind.values()), "top": top, "idle": idle_profile(step, sync, keep_trace)}
 
 
-def idle_profile(step, sync) -> dict:
+def idle_profile(step, sync, keep_trace: str | None = None) -> dict:
     """One more step traced with host activity too: the device's idle gaps and their causes
     (`trace_gaps.idle_gaps`: a host sync, or launches slower than the device). Host tracing slows the
     host, so launch-bound gaps read longer than unprofiled; sync-caused gaps are the ones to remove."""
@@ -206,6 +207,12 @@ def idle_profile(step, sync) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
+        if keep_trace:
+            import gzip
+            import shutil
+
+            with open(path, "rb") as src, gzip.open(keep_trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
         return idle_gaps(path, min_gap_us=20.0, top=25)
 
 
@@ -271,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             sync()
             if k >= args.warmup:
                 times.append(time.perf_counter() - t0)
-        prof = profile_steps(step, sync) if args.profile and cuda else None
+        trace = args.trace if env.is_main else None
+        prof = profile_steps(step, sync, keep_trace=trace) if args.profile and cuda else None
         # The slowest rank sets the pace: take each step's max over ranks.
         t = torch.tensor(times, device=env.device)
         if env.world_size > 1:
