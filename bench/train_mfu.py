@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the norms and FFNs")
     p.add_argument("--no-reshard", action="store_true", help="keep block weights gathered between fwd and bwd")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--reduce-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="gradient reduce-scatter dtype (parallel.reduce_dtype)")
     p.add_argument("--peak-flops", type=float, default=None, help="per-GPU peak (default: known GPUs, else 989e12)")
     p.add_argument("--out", default=None, help="JSON result file (rank 0)")
     p.add_argument("--profile", action="store_true",
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = model_shape(args, blocks)
         dtype = getattr(torch, args.dtype) if cuda else torch.float32
         model = build_model(cfg, env, dtype=dtype, activation_checkpointing=ac_blocks, compile=args.compile,
-                            reshard_after_forward=not args.no_reshard)
+                            reshard_after_forward=not args.no_reshard, reduce_dtype=getattr(torch, args.reduce_dtype))
         init_model_(model, recipe="7b", seed=0)
         model.train()
         optimizer = build_optimizer(model, OptimSection())

@@ -88,7 +88,18 @@ def test_packed_logits_hands_the_model_host_offsets():
 
     ids = random_ids((2, S), seed=3).to("meta")  # any device but the host's (CI has no GPU)
     packed_logits(Spy(), ids, STARTS)
-    assert seen["cu"].device.type == "cpu" and seen["cu"].tolist() == [0, 40, 96, 126, 192]
+    # A list, not a tensor: FSDP's root moves tensor arguments to the GPU, a list it leaves alone.
+    assert seen["cu"] == [0, 40, 96, 126, 192] and all(type(o) is int for o in seen["cu"])
+
+
+def test_offsets_as_a_list_equal_offsets_as_a_tensor():
+    model = tiny_model(seed=14)
+    ids = random_ids((1, 2 * S), seed=6)
+    cu = segment_offsets(STARTS)
+    with torch.no_grad():
+        a = model(ids, cu_seqlens=cu)[0]
+        b = model(ids, cu_seqlens=cu.tolist())[0]
+    assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
 def test_packed_loss_sum_equals_the_loss_of_the_packed_logits():

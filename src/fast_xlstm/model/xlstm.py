@@ -7,6 +7,7 @@ The recurrent state is a value the caller owns: a list with one (C, n, m) tuple 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -198,15 +199,18 @@ class XLSTMForCausalLM(nn.Module):
                                ignore_index=IGNORE_INDEX, reduction="sum")
 
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None, *,
-                cu_seqlens: torch.Tensor | None = None, last_logits_only: bool = False,
+                cu_seqlens: torch.Tensor | Sequence[int] | None = None, last_logits_only: bool = False,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
         """Runs token sequences.
 
         Args:
             input_ids: [B, S] token ids; with `cu_seqlens`, [1, T] holding N packed sequences.
             state: per-block states for the B (or N) sequences; None = empty state.
-            cu_seqlens: int tensor [N + 1] of packed-sequence offsets into T (each sequence starts
-                from its own state and none sees another's tokens).
+            cu_seqlens: int tensor [N + 1] (or a list of N + 1 ints) of packed-sequence offsets into T
+                (each sequence starts from its own state and none sees another's tokens). Every mLSTM
+                layer reads the offsets on the host to plan its kernels: pass a list or a CPU tensor
+                (a list also stays on the host under FSDP, which moves tensor arguments to the GPU;
+                offsets in GPU memory cost a host sync per layer, forward and backward).
             last_logits_only: compute the head only at each sequence's last position.
             labels: int64 targets shaped like input_ids (IGNORE_INDEX = no loss): return the summed
                 fp32 cross-entropy (a scalar, `head_loss_sum`) in place of the logits (training).
@@ -230,6 +234,8 @@ class XLSTMForCausalLM(nn.Module):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(labels.shape)}")
+        if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
+            cu_seqlens = torch.tensor([int(o) for o in cu_seqlens], dtype=torch.int32)
         x = self.backbone.embeddings(input_ids)
         new_state: ModelState = []
         for b, block in enumerate(self.backbone.blocks):

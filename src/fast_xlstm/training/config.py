@@ -142,6 +142,9 @@ class ParallelSection:
     activation_checkpointing: bool | int = False
     compile: bool = False
     reshard_after_forward: bool = True
+    # Gradient reduce-scatter dtype under bf16 compute: float32 (exact sums; default, as torchtitan)
+    # or bfloat16 (half the traffic of the collectives; the master weights and AdamW stay fp32).
+    reduce_dtype: str = "float32"
     cpu_threads: int = 0
 
     def __post_init__(self) -> None:
@@ -149,6 +152,8 @@ class ParallelSection:
         _need(self.dtype in ("auto", "bfloat16", "float32"), "parallel.dtype",
               f"must be auto, bfloat16 or float32, got {self.dtype!r}")
         _need(self.cpu_threads >= 0, "parallel.cpu_threads", "must be >= 0 (0 = torch's default)")
+        _need(self.reduce_dtype in ("float32", "bfloat16"), "parallel.reduce_dtype",
+              f"must be float32 or bfloat16, got {self.reduce_dtype!r}")
         _need(isinstance(self.activation_checkpointing, bool) or self.activation_checkpointing >= 0,
               "parallel.activation_checkpointing", "must be true, false or a number of blocks >= 0")
 

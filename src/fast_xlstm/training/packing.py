@@ -32,10 +32,11 @@ def segment_offsets(doc_starts: torch.Tensor) -> torch.Tensor:
 def packed_logits(model: nn.Module, input_ids: torch.Tensor, doc_starts: torch.Tensor) -> torch.Tensor:
     """input_ids [B, S], doc_starts [B, S] -> logits fp32 [B, S, V], no state crossing a document start.
 
-    The offsets stay in host memory: every mLSTM layer (and its recompute and backward) reads them as
-    Python ints to plan its kernels, which from a device tensor would wait for the GPU each time."""
+    The offsets go to the model as a list of ints, so they stay in host memory even under FSDP (whose
+    root moves tensor arguments to the GPU): every mLSTM layer (and its recompute and backward) reads
+    them to plan its kernels, which from device memory would wait for the GPU each time."""
     B, S = input_ids.shape
-    cu = segment_offsets(doc_starts.cpu())
+    cu = segment_offsets(doc_starts.cpu()).tolist()
     logits, _ = model(input_ids.reshape(1, B * S), cu_seqlens=cu)
     return logits.reshape(B, S, -1)
 
@@ -49,7 +50,7 @@ def packed_loss_sum(model: nn.Module, input_ids: torch.Tensor, doc_starts: torch
     B, S = input_ids.shape
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-    cu = segment_offsets(doc_starts.cpu())
+    cu = segment_offsets(doc_starts.cpu()).tolist()  # a list: see packed_logits
     loss, _ = model(input_ids.reshape(1, B * S), cu_seqlens=cu, labels=labels.reshape(1, B * S))
     return loss
 

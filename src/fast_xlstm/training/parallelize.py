@@ -131,17 +131,19 @@ def checkpointed_blocks(activation_checkpointing: bool | int, num_blocks: int) -
 
 
 def build_model(config: XLSTMConfig, env: DistEnv, *, dtype: torch.dtype, activation_checkpointing: bool | int = False,
-                compile: bool = False, reshard_after_forward: bool = True) -> XLSTMForCausalLM:
+                compile: bool = False, reshard_after_forward: bool = True,
+                reduce_dtype: torch.dtype = torch.float32) -> XLSTMForCausalLM:
     """A sharded model with allocated but uninitialised weights (call `init_model_` or `load_hub_weights_`).
     activation_checkpointing: True (every block), False, or the number of blocks, from the first, to
-    checkpoint (`checkpointed_blocks`)."""
+    checkpoint (`checkpointed_blocks`). reduce_dtype: the gradient reduce-scatter's dtype under a
+    lower-precision compute dtype."""
     if config.tie_word_embeddings:
         raise ValueError("training with tied embeddings is not supported (the xLSTM 7B unties them)")
     if config.weight_mode != "single":
         raise ValueError("training needs weight_mode 'single' (fused projections are an inference format)")
     with torch.device("meta"):
         model = XLSTMForCausalLM(config)
-    mp = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32
+    mp = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype) if dtype != torch.float32
           else MixedPrecisionPolicy())
     replicated = set(gate_params(model))
     n_ac = checkpointed_blocks(activation_checkpointing, config.num_blocks)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from ..config import XLSTMConfig, get_preset
 from ..model import XLSTMForCausalLM
 from .config import TrainConfig
@@ -33,7 +35,8 @@ def make_model(cfg: TrainConfig, config: XLSTMConfig, env: DistEnv) -> XLSTMForC
     """Meta-device build, FSDP2 sharding, then 7B-recipe init or the fine-tuning checkpoint's weights."""
     p = cfg.parallel
     model = build_model(config, env, dtype=compute_dtype(env, p.dtype), activation_checkpointing=p.activation_checkpointing,
-                        compile=p.compile, reshard_after_forward=p.reshard_after_forward)
+                        compile=p.compile, reshard_after_forward=p.reshard_after_forward,
+                        reduce_dtype=getattr(torch, p.reduce_dtype))
     if cfg.model.init_from:
         load_hub_weights_(model, cfg.model.init_from)
     else:
