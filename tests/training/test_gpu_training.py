@@ -42,7 +42,7 @@ def test_packed_step_syncs_once_under_fsdp():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        assert len(syncs) <= 1, [str(w.message)[:200] for w in syncs]
+        assert len(syncs) <= 1, [f"{w.filename}:{w.lineno}: {str(w.message)[:120]}" for w in syncs]
         assert torch.isfinite(loss)
     finally:
         destroy_distributed(env)
