@@ -145,15 +145,33 @@ def test_sharded_init_equals_the_7b_recipe():
     assert torch.equal(want["backbone.blocks.1.mlstm_layer.igate_preact.bias"], torch.full((4,), -10.0))
 
 
-def test_activation_checkpointing_gives_the_same_steps(tiny_data, tmp_path):
+@pytest.mark.parametrize("ac", [True, 1], ids=["every-block", "first-block"])
+def test_activation_checkpointing_gives_the_same_steps(tiny_data, tmp_path, ac):
     base = golden_config(tiny_data, tmp_path / "a", **{"train.steps": 2, "train.eval_every": 0})
     ac = golden_config(tiny_data, tmp_path / "b", **{"train.steps": 2, "train.eval_every": 0,
-                                                      "parallel.activation_checkpointing": True})
+                                                      "parallel.activation_checkpointing": ac})
     assert run_in_process(base) == 0 and run_in_process(ac) == 0
     a, b = step_records(tmp_path / "a"), step_records(tmp_path / "b")
     for s in (1, 2):
         assert math.isclose(a[s]["loss"], b[s]["loss"], abs_tol=1e-6)
         assert math.isclose(a[s]["grad_norm"], b[s]["grad_norm"], rel_tol=1e-5)
+
+
+def test_checkpointed_block_count_and_parallel_validation(tmp_path):
+    from fast_xlstm.training.parallelize import checkpointed_blocks
+
+    assert [checkpointed_blocks(x, 4) for x in (True, False, 0, 3, 9)] == [4, 0, 0, 3, 4]
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        checkpointed_blocks(-1, 4)
+    (tmp_path / "c.yaml").write_text("data: {path: /d}\n")
+    cfg = TrainConfig.load(tmp_path / "c.yaml", ["--parallel.activation_checkpointing=6",
+                                                 "--parallel.reduce_dtype=bfloat16"])
+    assert cfg.parallel.activation_checkpointing == 6 and cfg.parallel.reduce_dtype == "bfloat16"
+    assert TrainConfig.load(tmp_path / "c.yaml", ["--parallel.activation_checkpointing=true"]).parallel.activation_checkpointing is True
+    with pytest.raises(ValueError, match="parallel.activation_checkpointing"):
+        TrainConfig.load(tmp_path / "c.yaml", ["--parallel.activation_checkpointing=-2"])
+    with pytest.raises(ValueError, match="parallel.reduce_dtype"):
+        TrainConfig.load(tmp_path / "c.yaml", ["--parallel.reduce_dtype=fp8"])
 
 
 def test_tensorboard_logging(tiny_data, tmp_path):
