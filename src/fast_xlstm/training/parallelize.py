@@ -108,12 +108,14 @@ def _compile_regions(model: XLSTMForCausalLM) -> None:
     and backward through AOTAutograd).
 
     - `pre_cell`: norm, projections, fp32 gates and their soft cap;
-    - `post_cell`: head norm, output gate, out projection, residual, norm, SwiGLU FFN, residual;
+    - `post_cell`: the cell output's per-head norm, output gate, out projection, residual, norm, SwiGLU
+      FFN, residual;
     - `head_loss_sum`: out norm, head, soft cap and cross-entropy, so no fp32 logits are stored.
 
     The cell stays outside: on GPU it is the Triton kernels' custom op, and its packed input plans
-    its launches from host-side offsets. Regions, not single modules, so inductor fuses the residual
-    adds, casts and gate math into the norms and the GEMM epilogues of its own choosing."""
+    its launches from host-side offsets. Regions, not single modules, so that inductor fuses the
+    residual adds, casts and gate math with the norms and activations between the GEMMs (forward and
+    backward), where module by module each was a kernel of its own."""
     for block in model.backbone.blocks:
         block.pre_cell = torch.compile(block.pre_cell, fullgraph=True)
         block.post_cell = torch.compile(block.post_cell, fullgraph=True)
