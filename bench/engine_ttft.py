@@ -52,7 +52,8 @@ def runner_prefill(model, lengths: list[int], repeat: int) -> dict[str, dict[int
     vocab = model.config.vocab_size
     out = {}
     for name, max_graph in (("eager", 0), ("graph", 2048)):
-        runner = ModelRunner(model, num_slots=1, max_graph_prefill_tokens=max_graph)
+        # "eager": the packed forward on copied states (the path before the device-table kernels)
+        runner = ModelRunner(model, num_slots=1, max_graph_prefill_tokens=max_graph, prefill_in_pool=False)
         row = {}
         for n in lengths:
             ids = torch.randint(1, vocab, (n,)).tolist()

@@ -132,9 +132,14 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: XLSTMForCausalLM, *, num_slots: int, state_dtype: torch.dtype = torch.float32,
                  use_cuda_graph: bool | None = None, compile_decode: bool = False, compile_prefill: bool = False,
-                 max_graph_prefill_tokens: int = 2048, compile_mode: str | None = None):
+                 max_graph_prefill_tokens: int = 2048, compile_mode: str | None = None,
+                 prefill_in_pool: bool | None = None):
         """max_graph_prefill_tokens: prefills of at most this many tokens (rounded down to a power of
-        two; 0 = none) run through the device-table path, captured as CUDA graphs on CUDA."""
+        two; 0 = none) run through the device-table path, captured as CUDA graphs on CUDA.
+        prefill_in_pool: larger prefills also run the device-table kernels, eagerly, on the pool rows in
+        place: one forward for every piece, no state copied out of the pool and back (None = wherever
+        those kernels run; False = the packed forward on copied states, in groups bounded by
+        `prefill_state_bytes`)."""
         self.model = model
         if compile_decode:
             compile_block_steps(model, compile_mode)
@@ -177,6 +182,10 @@ class ModelRunner:
         # The device-table prefill needs the Triton kernels (on CUDA; on CPU only in their interpreter).
         self.planned_prefill = max_graph_prefill_tokens >= PREFILL_GRAPH_MIN_TOKENS and \
             ops.planned_prefill_supported(model.lm_head.weight)
+        supported = ops.planned_prefill_supported(model.lm_head.weight)
+        if prefill_in_pool and not supported:
+            raise ValueError("prefill_in_pool needs the Triton kernels (a CUDA device, or their interpreter)")
+        self.prefill_in_pool = supported if prefill_in_pool is None else prefill_in_pool
         self._planned: dict["PackedLayout", _PlannedPrefill] = {}  # per bucket (layouts are frozen dataclasses)
         self.prefill_logits: torch.Tensor | None = None  # [max sequences, V] fp32, the planned path's output
 
@@ -221,6 +230,8 @@ class ModelRunner:
         layout = self._planned_layout([len(p) for p in pieces])
         if layout is not None:
             logits = self._prefill_planned(layout, slots, pieces)
+        elif self.prefill_in_pool and min(len(p) for p in pieces) >= 1 and len(set(slots)) == len(slots):
+            logits = self._prefill_in_pool(slots, pieces)
         else:
             # The states of a group are copied out of the pool and back: groups bound that copy's memory.
             bounds = balanced_groups(len(slots), max(1, self.prefill_state_bytes // self._state_bytes_per_seq))
@@ -244,6 +255,21 @@ class ModelRunner:
         logits, state = self.model(packed, self.pool.read(slots), cu_seqlens=cu, last_logits_only=True)
         self.pool.write(slots, state)
         return logits
+
+    def _prefill_in_pool(self, slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
+        """Eager device-table prefill sized to these pieces: the kernels read each slot's state from its
+        pool row and write the final state back, so the pool is never copied (the grouped path copies
+        134 MB per 7B sequence out and back, and splits large packs into several forwards).
+        Returns logits [len(slots), V] at the pieces' last positions."""
+        tri = ops.triton_module()
+        offsets = [0, *itertools.accumulate(len(p) for p in pieces)]
+        T, N = offsets[-1], len(pieces)
+        layout = tri.PackedLayout(N, T, self.model.config.chunk_size)
+        vals = ([t for p in pieces for t in p] + list(slots) + [o - 1 for o in offsets[1:]]
+                + tri.plan_values(layout, offsets))
+        buf = tri.device_ints(vals, self.device)  # tokens [T] | pool rows [N] | last positions [N] | tables
+        plan = tri.PackedPlan.from_buffer(layout, buf[T + 2 * N:])
+        return self.model.prefill_slots(buf[:T][None], self.pool.layers, buf[T:T + N], plan, buf[T + N:T + 2 * N])
 
     def _planned_layout(self, lengths: list[int]) -> "PackedLayout | None":
         """The smallest planned-prefill bucket that holds pieces of these lengths, or None."""

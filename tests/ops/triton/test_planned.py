@@ -222,8 +222,9 @@ def test_planned_forward_copies_nothing(device, seed, make_inputs, random_state,
     assert not copies, f"copies outside the kernels: {copies} (all ops: {log.names})"
 
 
-def _runner(model, max_graph_prefill_tokens):
-    runner = ModelRunner(model, num_slots=5, max_graph_prefill_tokens=max_graph_prefill_tokens)
+def _runner(model, max_graph_prefill_tokens, prefill_in_pool=None):
+    runner = ModelRunner(model, num_slots=5, max_graph_prefill_tokens=max_graph_prefill_tokens,
+                         prefill_in_pool=prefill_in_pool)
     g = torch.Generator().manual_seed(1)
     for layer in runner.pool.layers:  # start every slot from a random (non-empty) state
         for t in layer:
@@ -236,7 +237,7 @@ def test_runner_planned_prefill_equals_eager(lengths, device):
     """Same logits and pool states as the eager packed prefill, for prompts from non-empty slot states;
     slots that take no part stay untouched."""
     model = tiny_model(seed=4).to(device)
-    planned, eager = _runner(model, 128), _runner(model, 0)
+    planned, eager = _runner(model, 128), _runner(model, 0, prefill_in_pool=False)
     assert planned.planned_prefill and not eager.planned_prefill
     slots = [4, 0, 2, 1, 3][:len(lengths)]
     pieces = [random_ids((n,), model.config.vocab_size, seed=n + j).tolist() for j, n in enumerate(lengths)]
@@ -260,7 +261,7 @@ def test_planned_prefill_never_reads_unset_buffer_tails(device, monkeypatch):
     kernels in the graph). With every new float buffer poisoned with NaN, logits and pool states
     still equal the eager prefill's: nothing reads those tails into a real sequence's results."""
     model = tiny_model(seed=5).to(device)
-    planned, eager = _runner(model, 128), _runner(model, 0)
+    planned, eager = _runner(model, 128), _runner(model, 0, prefill_in_pool=False)
     slots, lengths = [1, 3], [5, 22]  # 27 tokens in a 32-token bucket of 2 sequences: a tail
     pieces = [random_ids((n,), model.config.vocab_size, seed=n).tolist() for n in lengths]
     params = [SamplingParams(temperature=0)] * len(slots)
@@ -279,3 +280,46 @@ def test_planned_prefill_never_reads_unset_buffer_tails(device, monkeypatch):
     for la, lb in zip(planned.pool.layers, eager.pool.layers):
         for ta, tb in zip(la, lb):
             assert not torch.isnan(ta).any() and torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[70], [3, 150, 1, 64, 9]])
+def test_prefill_in_pool_equals_the_grouped_prefill(lengths, device, monkeypatch):
+    """Packs beyond the graph buckets run the device-table kernels eagerly on the pool rows: the same
+    sampled tokens, logits and pool states as the grouped path that copies states out and back
+    (here in groups of two sequences), and slots that take no part stay untouched. The in-pool path
+    copies no state: the pool's read/write helpers are never called."""
+    model = tiny_model(seed=6).to(device)
+    in_pool, grouped = _runner(model, 0), _runner(model, 0, prefill_in_pool=False)
+    assert in_pool.prefill_in_pool and not in_pool.planned_prefill
+    grouped.prefill_state_bytes = 2 * grouped._state_bytes_per_seq
+    slots = [4, 0, 2, 1, 3][:len(lengths)]
+    pieces = [random_ids((n,), model.config.vocab_size, seed=7 * n + j).tolist() for j, n in enumerate(lengths)]
+    params = [SamplingParams(temperature=0)] * len(slots)
+    untouched = [s for s in range(5) if s not in slots]
+    before = [[t[untouched].clone() for t in layer] for layer in in_pool.pool.layers]
+
+    def no_copies(*args, **kwargs):
+        raise AssertionError("the in-pool prefill copied states")
+
+    with monkeypatch.context() as m:
+        m.setattr(in_pool.pool, "read", no_copies)
+        m.setattr(in_pool.pool, "write", no_copies)
+        a = in_pool.prefill(slots, pieces, [True] * len(slots), params)
+    b = grouped.prefill(slots, pieces, [True] * len(slots), params)
+    assert torch.isfinite(a.logits).all()
+    assert a.tokens == b.tokens
+    assert torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    for la, lb in zip(in_pool.pool.layers, grouped.pool.layers):
+        for ta, tb in zip(la, lb):
+            assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
+    for layer, saved in zip(in_pool.pool.layers, before):
+        assert all(torch.equal(t[untouched], s) for t, s in zip(layer, saved))
+
+
+def test_prefill_in_pool_needs_the_kernels(monkeypatch):
+    import fast_xlstm.engine.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod.ops, "planned_prefill_supported", lambda x: False)
+    with pytest.raises(ValueError, match="prefill_in_pool needs the Triton kernels"):
+        ModelRunner(tiny_model(seed=1), num_slots=2, prefill_in_pool=True)
+    assert not ModelRunner(tiny_model(seed=1), num_slots=2).prefill_in_pool  # the default follows support
