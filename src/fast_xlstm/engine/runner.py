@@ -264,7 +264,9 @@ class ModelRunner:
         tri = ops.triton_module()
         offsets = [0, *itertools.accumulate(len(p) for p in pieces)]
         T, N = offsets[-1], len(pieces)
-        layout = tri.PackedLayout(N, T, self.model.config.chunk_size)
+        cfg = self.model.config  # the chunk length the packed forward would take (128 for one long prompt)
+        L = tri.inference_chunk_len(cfg.chunk_size, N, cfg.num_heads, max(len(p) for p in pieces))
+        layout = tri.PackedLayout(N, T, L)
         vals = ([t for p in pieces for t in p] + list(slots) + [o - 1 for o in offsets[1:]]
                 + tri.plan_values(layout, offsets))
         buf = tri.device_ints(vals, self.device)  # tokens [T] | pool rows [N] | last positions [N] | tables
@@ -497,8 +499,13 @@ class ModelRunner:
                     self._prefill_planned(self._planned_layout([len(p) for p in pieces]), slots, pieces)
                     t *= 2
         for total in (2 * self.max_graph_prefill_tokens + 16, 2 * self.max_graph_prefill_tokens + 17):
-            self.pool.reset([0])
-            self._prefill_group([0], [[1] * total])
+            if self.prefill_in_pool:  # one and two sequences: the kernels specialize on counts of 1
+                for n in (1, 2) if self.num_slots >= 2 else (1,):
+                    self.pool.reset(list(range(n)))
+                    self._prefill_in_pool(list(range(n)), [[1] * (total // n)] * n)
+            else:
+                self.pool.reset([0])
+                self._prefill_group([0], [[1] * total])
         self.pool.reset(list(range(min(self.num_slots, PREFILL_GRAPH_SEQS[-1]))))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -282,12 +282,19 @@ def test_planned_prefill_never_reads_unset_buffer_tails(device, monkeypatch):
             assert not torch.isnan(ta).any() and torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("lengths", [[70], [3, 150, 1, 64, 9]])
-def test_prefill_in_pool_equals_the_grouped_prefill(lengths, device, monkeypatch):
+@pytest.mark.parametrize("lengths,long_alone", [([70], None), ([3, 150, 1, 64, 9], None), ([150], 64)],
+                         ids=["one", "five", "one-long-128-chunks"])
+def test_prefill_in_pool_equals_the_grouped_prefill(lengths, long_alone, device, monkeypatch):
     """Packs beyond the graph buckets run the device-table kernels eagerly on the pool rows: the same
     sampled tokens, logits and pool states as the grouped path that copies states out and back
     (here in groups of two sequences), and slots that take no part stay untouched. The in-pool path
-    copies no state: the pool's read/write helpers are never called."""
+    copies no state: the pool's read/write helpers are never called. `long_alone`: the length from
+    which one prompt takes 128-token chunks, lowered so a short prompt takes that rule too."""
+    import fast_xlstm.ops.triton.autograd as autograd_mod
+
+    if long_alone is not None:
+        monkeypatch.setattr(autograd_mod, "LONG_ALONE", long_alone)
+        assert autograd_mod.inference_chunk_len(64, 1, 4, max(lengths)) == 128
     model = tiny_model(seed=6).to(device)
     in_pool, grouped = _runner(model, 0), _runner(model, 0, prefill_in_pool=False)
     assert in_pool.prefill_in_pool and not in_pool.planned_prefill

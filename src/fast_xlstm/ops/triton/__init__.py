@@ -12,9 +12,10 @@ lazily as backend "triton", so `import fast_xlstm.ops` never needs triton.
 from __future__ import annotations
 
 from ._common import device_ints
-from .autograd import mlstm_chunkwise_triton
+from .autograd import inference_chunk_len, mlstm_chunkwise_triton
 from .planned import PackedLayout, PackedPlan, mlstm_chunkwise_planned, padded_rows, plan_values
 from .step import mlstm_step_slots_, mlstm_step_triton
 
 __all__ = ["mlstm_chunkwise_triton", "mlstm_step_triton", "mlstm_step_slots_", "mlstm_chunkwise_planned",
-           "PackedLayout", "PackedPlan", "plan_values", "padded_rows", "device_ints"]
+           "PackedLayout", "PackedPlan", "plan_values", "padded_rows", "device_ints",
+           "inference_chunk_len"]

@@ -39,6 +39,15 @@ FEW_SEQ_HEADS = 16
 LONG_ALONE = 4096
 
 
+def inference_chunk_len(chunk_size: int, n_seqs: int, num_heads: int, longest: int) -> int:
+    """The forward's chunk length at inference for `n_seqs` sequences of `num_heads` heads whose longest
+    has `longest` tokens: 128 for one sequence's heads of LONG_ALONE+ tokens (see FEW_SEQ_HEADS), else
+    `chunk_len(chunk_size, longest)`."""
+    if n_seqs * num_heads < FEW_SEQ_HEADS and longest >= LONG_ALONE and chunk_size >= 64:
+        return chunk_len(128, longest)
+    return chunk_len(chunk_size, longest)
+
+
 def _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, *, contiguous: bool, inference: bool = False):
     """Tables, chunk length and the inputs as the kernels take them: k, v in q's dtype; with
     `contiguous` (the backward kernels) every input contiguous, else (the forward kernels, which read
@@ -49,10 +58,8 @@ def _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, *, contiguous: b
     B, NH, S, DK = q.shape
     offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
     longest = S if offsets is None or not inference else max([b - a for a, b in zip(offsets, offsets[1:])] + [1])
-    L = chunk_len(chunk_size, longest)
     n_seqs = B if offsets is None else len(offsets) - 1
-    if inference and n_seqs * NH < FEW_SEQ_HEADS and longest >= LONG_ALONE and chunk_size >= 64:
-        L = chunk_len(128, longest)
+    L = inference_chunk_len(chunk_size, n_seqs, NH, longest) if inference else chunk_len(chunk_size, longest)
     tabs = seq_tables(B, NH, S, L, offsets, q.device)
     dt = q.dtype
     if contiguous:
