@@ -233,6 +233,22 @@ def _runner(model, max_graph_prefill_tokens, prefill_in_pool=None):
 
 
 @pytest.mark.parametrize("lengths", [[7], [3, 40, 1], [20, 20, 20, 20, 5]], ids=["one", "three", "five"])
+def _assert_same_prefill(a, b, runner_a, runner_b):
+    """Two prefill results and their runners' pools agree: tokens exactly, logits and states to fp32
+    rounding of different kernel paths."""
+    assert torch.isfinite(a.logits).all()
+    assert a.tokens == b.tokens
+    assert torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    for la, lb in zip(runner_a.pool.layers, runner_b.pool.layers):
+        for ta, tb in zip(la, lb):
+            assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
+
+
+def _assert_untouched(runner, untouched, before):
+    for layer, saved in zip(runner.pool.layers, before):
+        assert all(torch.equal(t[untouched], s) for t, s in zip(layer, saved))
+
+
 def test_runner_planned_prefill_equals_eager(lengths, device):
     """Same logits and pool states as the eager packed prefill, for prompts from non-empty slot states;
     slots that take no part stay untouched."""
@@ -247,13 +263,8 @@ def test_runner_planned_prefill_equals_eager(lengths, device):
     for _ in range(2):  # twice: the second call replays the captured graph on CUDA
         a = planned.prefill(slots, pieces, [True] * len(slots), params)
         b = eager.prefill(slots, pieces, [True] * len(slots), params)
-        assert a.tokens == b.tokens
-        assert torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
-        for la, lb in zip(planned.pool.layers, eager.pool.layers):
-            for ta, tb in zip(la, lb):
-                assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
-    for layer, saved in zip(planned.pool.layers, before):
-        assert all(torch.equal(t[untouched], s) for t, s in zip(layer, saved))
+        _assert_same_prefill(a, b, planned, eager)
+    _assert_untouched(planned, untouched, before)
 
 
 def test_planned_prefill_never_reads_unset_buffer_tails(device, monkeypatch):
@@ -313,14 +324,8 @@ def test_prefill_in_pool_equals_the_grouped_prefill(lengths, long_alone, device,
         m.setattr(in_pool.pool, "write", no_copies)
         a = in_pool.prefill(slots, pieces, [True] * len(slots), params)
     b = grouped.prefill(slots, pieces, [True] * len(slots), params)
-    assert torch.isfinite(a.logits).all()
-    assert a.tokens == b.tokens
-    assert torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
-    for la, lb in zip(in_pool.pool.layers, grouped.pool.layers):
-        for ta, tb in zip(la, lb):
-            assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
-    for layer, saved in zip(in_pool.pool.layers, before):
-        assert all(torch.equal(t[untouched], s) for t, s in zip(layer, saved))
+    _assert_same_prefill(a, b, in_pool, grouped)
+    _assert_untouched(in_pool, untouched, before)
 
 
 def test_prefill_in_pool_needs_the_kernels(monkeypatch):
