@@ -232,7 +232,6 @@ def _runner(model, max_graph_prefill_tokens, prefill_in_pool=None):
     return runner
 
 
-@pytest.mark.parametrize("lengths", [[7], [3, 40, 1], [20, 20, 20, 20, 5]], ids=["one", "three", "five"])
 def _assert_same_prefill(a, b, runner_a, runner_b):
     """Two prefill results and their runners' pools agree: tokens exactly, logits and states to fp32
     rounding of different kernel paths."""
@@ -249,6 +248,7 @@ def _assert_untouched(runner, untouched, before):
         assert all(torch.equal(t[untouched], s) for t, s in zip(layer, saved))
 
 
+@pytest.mark.parametrize("lengths", [[7], [3, 40, 1], [20, 20, 20, 20, 5]], ids=["one", "three", "five"])
 def test_runner_planned_prefill_equals_eager(lengths, device):
     """Same logits and pool states as the eager packed prefill, for prompts from non-empty slot states;
     slots that take no part stay untouched."""
