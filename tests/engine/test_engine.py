@@ -134,7 +134,7 @@ def test_compiled_decode_step_and_prefill_equal_eager():
     Triton on CUDA) gives the eager outputs."""
     llm = LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=2, compile_decode=True,
               compile_prefill=True)
-    assert all(getattr(b, "_step_slots_compiled", False) and getattr(b, "_prefill_compiled", False)
+    assert all(getattr(b, "_step_slots_compiled", False) and getattr(b, "_regions_compiled", False)
                for b in llm.model.backbone.blocks)
     params = SamplingParams(temperature=0, max_tokens=6)
     outs = llm.generate(PROMPTS[:3], params, use_tqdm=False)

@@ -59,10 +59,7 @@ def compile_prefill_regions(model: XLSTMForCausalLM) -> None:
     gates, output gate, SwiGLU), with dynamic token counts; the cell stays a kernel call between
     them. Short prefills are launch-bound in eager mode (~80 kernels a block); this fuses them."""
     for block in model.backbone.blocks:
-        if not getattr(block, "_prefill_compiled", False):
-            block.pre_cell = torch.compile(block.pre_cell, dynamic=True, fullgraph=True)
-            block.post_cell = torch.compile(block.post_cell, dynamic=True, fullgraph=True)
-            block._prefill_compiled = True
+        block.compile_regions(dynamic=True)
 
 
 def balanced_groups(n: int, most: int) -> list[tuple[int, int]]:

@@ -50,6 +50,15 @@ class MLSTMBlock(nn.Module):
         x = x + self.mlstm_layer._output(h, o)
         return x + self.ffn(self.norm_ffn(x))
 
+    def compile_regions(self, *, dynamic: bool | None = None) -> None:
+        """torch.compile (fullgraph) of `pre_cell` and `post_cell`, once: the code before and after the
+        cell fuses into a few kernels while the cell stays a kernel call between them. dynamic: as
+        torch.compile's (True for inference's varying token counts)."""
+        if not getattr(self, "_regions_compiled", False):
+            self.pre_cell = torch.compile(self.pre_cell, dynamic=dynamic, fullgraph=True)
+            self.post_cell = torch.compile(self.post_cell, dynamic=dynamic, fullgraph=True)
+            self._regions_compiled = True
+
     def forward(self, x: torch.Tensor, state: MLSTMState | None, cu_seqlens: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, MLSTMState]:  # x [B, S, d]
         q, k, v, o, i, f = self.pre_cell(x)

@@ -117,8 +117,7 @@ def _compile_regions(model: XLSTMForCausalLM) -> None:
     residual adds, casts and gate math with the norms and activations between the GEMMs (forward and
     backward), where module by module each was a kernel of its own."""
     for block in model.backbone.blocks:
-        block.pre_cell = torch.compile(block.pre_cell, fullgraph=True)
-        block.post_cell = torch.compile(block.post_cell, fullgraph=True)
+        block.compile_regions()
     model.head_loss_sum = torch.compile(model.head_loss_sum, fullgraph=True)
 
 
