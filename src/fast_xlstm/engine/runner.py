@@ -126,6 +126,16 @@ class StepResult:
     top_ids: list[list[int]] | None = None
 
 
+def _plan_buffer_values(layout: "PackedLayout", slots: list[int], pieces: list[list[int]]) -> list[int]:
+    """The int64 buffer of a device-table prefill: tokens [T] (zero-padded) | pool rows [N] | last
+    positions [N] | kernel tables, where N and T are the layout's (spare sequences repeat a real one)."""
+    tri = ops.triton_module()
+    offsets = [0, *itertools.accumulate(len(p) for p in pieces)]
+    ids = [t for p in pieces for t in p]
+    return (ids + [0] * (layout.num_tokens - len(ids)) + tri.padded_rows(layout, offsets, slots)
+            + tri.padded_rows(layout, offsets, [o - 1 for o in offsets[1:]]) + tri.plan_values(layout, offsets))
+
+
 class ModelRunner:
     def __init__(self, model: XLSTMForCausalLM, *, num_slots: int, state_dtype: torch.dtype = torch.float32,
                  use_cuda_graph: bool | None = None, compile_decode: bool = False, compile_prefill: bool = False,
@@ -264,11 +274,7 @@ class ModelRunner:
         cfg = self.model.config  # the chunk length the packed forward would take (128 for one long prompt)
         L = tri.inference_chunk_len(cfg.chunk_size, N, cfg.num_heads, max(len(p) for p in pieces))
         layout = tri.PackedLayout(N, T, L)
-        vals = ([t for p in pieces for t in p] + list(slots) + [o - 1 for o in offsets[1:]]
-                + tri.plan_values(layout, offsets))
-        buf = tri.device_ints(vals, self.device)  # tokens [T] | pool rows [N] | last positions [N] | tables
-        plan = tri.PackedPlan.from_buffer(layout, buf[T + 2 * N:])
-        return self.model.prefill_slots(buf[:T][None], self.pool.layers, buf[T:T + N], plan, buf[T + N:T + 2 * N])
+        return self._forward_planned(layout, tri.device_ints(_plan_buffer_values(layout, slots, pieces), self.device))
 
     def _planned_layout(self, lengths: list[int]) -> "PackedLayout | None":
         """The smallest planned-prefill bucket that holds pieces of these lengths, or None."""
@@ -284,7 +290,6 @@ class ModelRunner:
     def _prefill_planned(self, layout: "PackedLayout", slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
         """Prefill through the device-table path: fill the bucket's buffer, replay (or run and
         capture) its graph. Returns logits [len(slots), V] at the pieces' last positions."""
-        tri = ops.triton_module()
         T, N = layout.num_tokens, layout.max_seqs
         entry = self._planned.get(layout)
         if entry is None:
@@ -292,11 +297,7 @@ class ModelRunner:
                 layout, torch.zeros(T + 2 * N + layout.size, dtype=torch.long, device=self.device))
         if self.prefill_logits is None:
             self.prefill_logits = torch.zeros(PREFILL_GRAPH_SEQS[-1], self.vocab, device=self.device)
-        offsets = [0, *itertools.accumulate(len(p) for p in pieces)]
-        ids = [t for p in pieces for t in p]
-        vals = (ids + [0] * (T - len(ids)) + tri.padded_rows(layout, offsets, slots)
-                + tri.padded_rows(layout, offsets, [o - 1 for o in offsets[1:]]) + tri.plan_values(layout, offsets))
-        entry.buf.copy_(torch.tensor(vals, dtype=torch.long), non_blocking=True)
+        entry.buf.copy_(torch.tensor(_plan_buffer_values(layout, slots, pieces), dtype=torch.long), non_blocking=True)
         if entry.graph is not None:
             entry.graph.replay()
         elif self.use_cuda_graph:
@@ -306,12 +307,14 @@ class ModelRunner:
         return self.prefill_logits[:len(slots)].clone()  # the buffer is the next prefill's output too
 
     def _prefill_body(self, entry: _PlannedPrefill) -> None:
-        layout = entry.layout
+        self.prefill_logits[:entry.layout.max_seqs].copy_(self._forward_planned(entry.layout, entry.buf))
+
+    def _forward_planned(self, layout: "PackedLayout", buf: torch.Tensor) -> torch.Tensor:
+        """The model's pool-row prefill from a device buffer laid out by `_plan_buffer_values`;
+        logits [max_seqs, V] at each sequence's last position."""
         T, N = layout.num_tokens, layout.max_seqs
-        buf = entry.buf
         plan = ops.triton_module().PackedPlan.from_buffer(layout, buf[T + 2 * N:])
-        logits = self.model.prefill_slots(buf[:T][None], self.pool.layers, buf[T:T + N], plan, buf[T + N:T + 2 * N])
-        self.prefill_logits[:N].copy_(logits)
+        return self.model.prefill_slots(buf[:T][None], self.pool.layers, buf[T:T + N], plan, buf[T + N:T + 2 * N])
 
     def _warmup_stream(self) -> torch.cuda.Stream:
         """One side stream for every warm-up and capture (cuBLAS keeps a 32 MiB workspace per stream,
