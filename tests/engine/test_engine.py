@@ -19,12 +19,15 @@ PROMPTS = ["Once upon a time", "The river", "A", "Über die Brücke ging 🐟 de
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async-scheduling"])
+@pytest.fixture(scope="module", params=[(False, False), (True, False), (False, True), (True, True)],
+                ids=["sync", "async-scheduling", "mixed-steps", "mixed-steps-async"])
 def llm(request):
     # 3 slots for 7 prompts and an 8-token step budget: queueing and chunked prefill on every run;
-    # with async scheduling each step's decode is launched before the previous one is read.
+    # with async scheduling each step's decode is launched before the previous one is read; with
+    # mixed steps a step's decoding requests ride in its prefill forward as one-token pieces.
+    async_scheduling, mixed_steps = request.param
     return LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=3, max_num_batched_tokens=8,
-               async_scheduling=request.param)
+               async_scheduling=async_scheduling, mixed_steps=mixed_steps)
 
 
 @pytest.mark.parametrize("params", [
@@ -35,8 +38,11 @@ def llm(request):
     SamplingParams(temperature=0, max_tokens=30, stop=["e"]),
 ])
 def test_llm_equals_eager_generate(llm, params):
+    mixed_before = llm.engine.stats["mixed_steps"]
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     ref = generate(llm.model, llm.tokenizer, PROMPTS, params)
+    # Not vacuous: with mixed steps on, decoding requests did ride in prefill forwards here.
+    assert (llm.engine.stats["mixed_steps"] > mixed_before) == llm.engine.mixed_steps
     for o, r in zip(outs, ref):
         assert o.token_ids == r.token_ids and o.text == r.text and o.finish_reason == r.finish_reason
         if params.logprobs is not None:

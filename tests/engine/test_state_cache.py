@@ -76,7 +76,8 @@ def test_session_resumes_and_matches_a_full_prefill(models):
     assert out2.output.token_ids == ref.token_ids
 
 
-def test_async_scheduling_sessions_and_prefix_cache_match_plain(models):
+@pytest.mark.parametrize("mixed_steps", [False, True], ids=["separate", "mixed-steps"])
+def test_async_scheduling_sessions_and_prefix_cache_match_plain(models, mixed_steps):
     """With each decode launched before the previous one is read: a request that stops on a stop
     token is seen one step late, so its kept state has consumed that token too (the launched step
     fed it) and the session says so; one that reaches max_tokens is foreseen and not launched
@@ -84,7 +85,7 @@ def test_async_scheduling_sessions_and_prefix_cache_match_plain(models):
     turn equals a full prefill, and prefix-cached outputs equal plain ones."""
     _, plain = models
     llm = LLM("xlstm-tiny", device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=64,
-              prefix_block=8, async_scheduling=True)
+              prefix_block=8, async_scheduling=True, mixed_steps=mixed_steps)
     eng = llm.engine
     first = llm.tokenizer.encode("User: tell me a story\nAssistant:")
     free_run = plain.generate([first], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].token_ids

@@ -19,7 +19,7 @@ from ..model import ModelState, XLSTMForCausalLM
 from ..tokenizer import Tokenizer
 from .request import Request, RequestStatus
 from .runner import DecodeMode, ModelRunner, PendingDecode, StepResult
-from .scheduler import Scheduler, SchedulerOutput
+from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
 from .state_cache import Session, StateCache, prefix_keys
 
 
@@ -59,7 +59,7 @@ class LLMEngine:
                  max_graph_prefill_tokens: int = 2048, enable_prefix_cache: bool = True, prefix_block: int = 512,
                  cache_device_bytes: int = 4 << 30, cache_host_bytes: int = 16 << 30,
                  max_sessions_device_bytes: int = 4 << 30, max_sessions_host_bytes: int = 16 << 30,
-                 step_log: str | Path | None = None, async_scheduling: bool = False):
+                 step_log: str | Path | None = None, async_scheduling: bool = False, mixed_steps: bool = False):
         """step_log: a file that gets one JSON line per step (wall time, milliseconds, decode rows,
         prefill sequences and tokens, requests admitted, running and waiting): how a load unfolds.
 
@@ -67,10 +67,16 @@ class LLMEngine:
         so the host's per-token work (detokenizing, stop checks, streaming) overlaps the device's
         next step instead of leaving it idle. A request that finishes is seen one step late: the
         step already launched computes one token for it that is dropped.
+
+        mixed_steps: a step with both prefill and decode runs them as one forward: each decoding
+        request is a one-token piece of the packed prefill, fed its last sampled token on the device
+        (so it needs no host read and launches before the previous step is read). The weights are
+        read once for both, where separate forwards read them twice; the tokens are the same.
         """
         self.model, self.tokenizer = model, tokenizer
         self.step_log = None if step_log is None else open(step_log, "a", buffering=1)
         self.async_scheduling = async_scheduling
+        self.mixed_steps = mixed_steps
         self._inflight: tuple[list[Request], PendingDecode] | None = None  # launched, not yet read
         self.runner = ModelRunner(model, num_slots=max_num_seqs, state_dtype=state_dtype,
                                   use_cuda_graph=use_cuda_graph, compile_decode=compile_decode,
@@ -85,7 +91,7 @@ class LLMEngine:
         self._stop_ids = stop_token_ids(model.config.stop_token_ids, tokenizer)
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generation_tokens": 0, "prefill_time": 0.0,
-                      "decode_time": 0.0, "steps": 0, "step_time": 0.0}
+                      "decode_time": 0.0, "steps": 0, "step_time": 0.0, "mixed_steps": 0}
         # Called (from `step`) once the step's device work is queued, before the host waits for it,
         # and at the step's end: host work hung here (the server front's per-request setup) runs
         # while the device computes instead of delaying the launch.
@@ -204,6 +210,9 @@ class LLMEngine:
 
     def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
         emitted: dict[str, RequestOutput] = {}
+        if self.mixed_steps and sched.prefill and sched.decode:
+            self._mixed_step(sched, emitted)
+            return list(emitted.values())
         # Decode first: the requests that were running before this step's prefill.
         if self.async_scheduling:
             self._decode_overlapped(sched.decode, emitted)
@@ -222,27 +231,53 @@ class LLMEngine:
                                          [c.is_last for c in chunks], [c.request.params for c in chunks],
                                          on_launched=self._launched)
             self.stats["prefill_time"] += time.perf_counter() - t0
-            for c in chunks:
-                c.request.num_prefilled = c.end
-                self.stats["prompt_tokens"] += c.end - c.start
-                self._snapshot_prefix(c.request, c.end)
-            done = [c.request for c in chunks if c.is_last]
-            now = time.monotonic()
-            for r in done:
-                r.first_token_time = now
-            self._fork(done, result, emitted)  # before the parents' first tokens can finish them
-            self._accept(done, result, emitted)
+            self._prefilled(chunks, result, emitted)
         return list(emitted.values())
+
+    def _prefilled(self, chunks: list[PrefillChunk], result: StepResult, emitted: dict[str, RequestOutput]) -> None:
+        """Bookkeeping after a prefill forward: progress, prefix snapshots, and the first tokens of the
+        prompts it finished (`result` rows, in chunk order), forked siblings first."""
+        for c in chunks:
+            c.request.num_prefilled = c.end
+            self.stats["prompt_tokens"] += c.end - c.start
+            self._snapshot_prefix(c.request, c.end)
+        done = [c.request for c in chunks if c.is_last]
+        now = time.monotonic()
+        for r in done:
+            r.first_token_time = now
+        self._fork(done, result, emitted)  # before the parents' first tokens can finish them
+        self._accept(done, result, emitted)
+
+    def _mixed_step(self, sched: SchedulerOutput, emitted: dict[str, RequestOutput]) -> None:
+        """Decode and prefill in one forward (`mixed_steps`): decoding requests first, as one-token
+        pieces fed on the device. With async scheduling the previous step's tokens are read and
+        reported while this forward runs; this step's are read at its end (nothing stays in flight)."""
+        t0 = time.perf_counter()
+        self.stats["mixed_steps"] += 1
+        decode = self._launchable(sched.decode) if self.async_scheduling else sched.decode
+        chunks = sched.prefill
+        pending = self.runner.prefill_launch(
+            [r.slot for r in decode] + [c.request.slot for c in chunks],
+            [None] * len(decode) + [c.request.prompt_token_ids[c.start:c.end] for c in chunks],
+            [True] * len(decode) + [c.is_last for c in chunks],
+            [r.params for r in decode] + [c.request.params for c in chunks])
+        self._launched()
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            prev_reqs, prev = previous
+            # This forward also feeds the tokens read here (see _decode_overlapped).
+            self._accept(prev_reqs, self.runner.decode_collect(prev), emitted, skip_finished=True,
+                         consumed_last={id(r) for r in decode})
+        result = self.runner.prefill_collect(pending)
+        self.stats["prefill_time"] += time.perf_counter() - t0
+        self._accept(decode, result.rows(0, len(decode)), emitted, skip_finished=True)
+        self._prefilled(chunks, result.rows(len(decode), len(result.tokens)), emitted)
 
     def _decode_overlapped(self, reqs: list[Request], emitted: dict[str, RequestOutput]) -> None:
         """Launches this step's decode, then reads and reports the previous step's while it runs."""
         t0 = time.perf_counter()
         launched = None
-        # A request that the step in flight brings to max_tokens is done: launching it again would
-        # compute a token only to drop it, and keep the device busy when the next request's prefill
-        # comes (the latency of sequential requests). Stops on EOS or stop strings stay one step late.
-        in_flight = {id(r) for r in self._inflight[0]} if self._inflight is not None else set()
-        reqs = [r for r in reqs if len(r.tracker.out.token_ids) + (id(r) in in_flight) < r.params.max_tokens]
+        reqs = self._launchable(reqs)
         if reqs:
             mode = DecodeMode.of([r.params for r in reqs])
             launched = (reqs, self.runner.decode_launch([r.slot for r in reqs], mode))
@@ -256,6 +291,14 @@ class LLMEngine:
             consumed = {id(r) for r in reqs}
             self._accept(prev_reqs, result, emitted, skip_finished=True, consumed_last=consumed)
         self.stats["decode_time"] += time.perf_counter() - t0
+
+    def _launchable(self, reqs: list[Request]) -> list[Request]:
+        """The decoding requests worth launching with a step in flight. One that the step in flight
+        brings to max_tokens is done: launching it again would compute a token only to drop it, and
+        keep the device busy when the next request's prefill comes (the latency of sequential
+        requests). Stops on EOS or stop strings stay one step late."""
+        in_flight = {id(r) for r in self._inflight[0]} if self._inflight is not None else set()
+        return [r for r in reqs if len(r.tracker.out.token_ids) + (id(r) in in_flight) < r.params.max_tokens]
 
     def _launched(self) -> None:
         if self.on_launched is not None:

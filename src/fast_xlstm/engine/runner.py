@@ -29,6 +29,7 @@ from ..generation.params import SamplingParams
 from ..generation.sampling import (apply_penalties, counter_exponential_noise, prompt_mask_from_ids, sample,
                                    token_logprobs)
 from ..model import ModelState, XLSTMForCausalLM
+from ..ops.transfer import device_ints
 from ..state import StatePool
 
 if TYPE_CHECKING:  # the Triton package is imported only where the kernels can run
@@ -125,13 +126,27 @@ class StepResult:
     top_vals: list[list[float]] | None = None
     top_ids: list[list[int]] | None = None
 
+    def rows(self, start: int, stop: int) -> "StepResult":
+        """Rows [start, stop) of this result."""
+        def part(x):
+            return None if x is None else x[start:stop]
+        return StepResult(self.tokens[start:stop], part(self.logits), part(self.logprobs), part(self.top_vals),
+                          part(self.top_ids))
 
-def _plan_buffer_values(layout: "PackedLayout", slots: list[int], pieces: list[list[int]]) -> list[int]:
-    """The int64 buffer of a device-table prefill: tokens [T] (zero-padded) | pool rows [N] | last
-    positions [N] | kernel tables, where N and T are the layout's (spare sequences repeat a real one)."""
+
+def _packed_ids(pieces: list[list[int] | None]) -> list[int]:
+    """The pieces' token ids end to end; a None piece (a slot's last sampled token, fed on the device)
+    holds a 0 in its place."""
+    return [t for p in pieces for t in ((0,) if p is None else p)]
+
+
+def _plan_buffer_values(layout: "PackedLayout", slots: list[int], pieces: list[list[int] | None]) -> list[int]:
+    """The int64 buffer of a device-table prefill: tokens [T] (zero-padded; 0 for a None piece, fed on
+    the device) | pool rows [N] | last positions [N] | kernel tables, where N and T are the layout's
+    (spare sequences repeat a real one)."""
     tri = ops.triton_module()
-    offsets = [0, *itertools.accumulate(len(p) for p in pieces)]
-    ids = [t for p in pieces for t in p]
+    offsets = [0, *itertools.accumulate(1 if p is None else len(p) for p in pieces)]
+    ids = _packed_ids(pieces)
     return (ids + [0] * (layout.num_tokens - len(ids)) + tri.padded_rows(layout, offsets, slots)
             + tri.padded_rows(layout, offsets, [o - 1 for o in offsets[1:]]) + tri.plan_values(layout, offsets))
 
@@ -227,54 +242,83 @@ class ModelRunner:
 
     # ---- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slots: list[int], pieces: list[list[int]], last: list[bool], modes: list[SamplingParams],
+    def prefill(self, slots: list[int], pieces: list[list[int] | None], last: list[bool], modes: list[SamplingParams],
                 on_launched: Callable[[], None] | None = None) -> StepResult:
         """Runs prompt pieces packed in one row, from each slot's current state, writing states back.
 
         Rows whose piece ends their prompt (`last`) get their first token sampled; returns those.
+        A piece None is one token: the one its slot sampled last, read on the device (a decoding
+        request riding in the prefill's forward; see `LLMEngine(mixed_steps=True)`).
         `on_launched` is called once the forward is queued on the device, before its results are read.
         """
-        layout = self._planned_layout([len(p) for p in pieces])
+        pending = self.prefill_launch(slots, pieces, last, modes)
+        if on_launched is not None:
+            on_launched()
+        return self.prefill_collect(pending)
+
+    @torch.inference_mode()
+    def prefill_launch(self, slots: list[int], pieces: list[list[int] | None], last: list[bool],
+                       modes: list[SamplingParams]) -> "PendingDecode":
+        """Queues `prefill`'s forward and sampling without waiting for either; `prefill_collect` waits."""
+        lengths = [1 if p is None else len(p) for p in pieces]
+        layout = self._planned_layout(lengths)
         if layout is not None:
             logits = self._prefill_planned(layout, slots, pieces)
-        elif self.prefill_in_pool and min(len(p) for p in pieces) >= 1 and len(set(slots)) == len(slots):
+        elif self.prefill_in_pool and min(lengths) >= 1 and len(set(slots)) == len(slots):
             logits = self._prefill_in_pool(slots, pieces)
         else:
             # The states of a group are copied out of the pool and back: groups bound that copy's memory.
             bounds = balanced_groups(len(slots), max(1, self.prefill_state_bytes // self._state_bytes_per_seq))
             logits = torch.cat([self._prefill_group(slots[a:b], pieces[a:b]) for a, b in bounds])
-        if on_launched is not None:
-            on_launched()
         rows = [j for j, is_last in enumerate(last) if is_last]
         if not rows:
-            return StepResult(tokens=[])
+            return PendingDecode([], None, None)
         picked = logits if len(rows) == len(last) else logits[rows]
-        result = self.sample_rows(picked, [slots[j] for j in rows], [modes[j] for j in rows])
-        result.logits = picked  # kept for forked siblings, which sample from the same distribution
-        return result
+        pending = self._sample_launch(picked, [slots[j] for j in rows], DecodeMode.of([modes[j] for j in rows]))
+        pending.logits = picked  # kept for forked siblings, which sample from the same distribution
+        return pending
 
-    def _prefill_group(self, slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
-        dev = self.device
-        lengths = torch.tensor([len(p) for p in pieces])
+    def prefill_collect(self, pending: "PendingDecode") -> StepResult:
+        """Waits for a launched prefill's sampled tokens (none when no piece ended its prompt)."""
+        if not pending.host:
+            return StepResult(tokens=[], logits=pending.logits)
+        return self.decode_collect(pending)
+
+    def _feed_last_tokens(self, ids: torch.Tensor, pieces: list[list[int] | None], slots: list[int]) -> None:
+        """Writes into `ids` (int64 [T] on the device, pieces packed from position 0) the last sampled
+        token of each slot whose piece is None, on the device: no host sync, so a step can feed the
+        tokens of a step still in flight."""
+        feed = [j for j, p in enumerate(pieces) if p is None]
+        if feed:
+            starts = list(itertools.accumulate((1 if p is None else len(p) for p in pieces), initial=0))
+            src = self.last_token[device_ints([slots[j] for j in feed], self.device)]
+            ids.index_copy_(0, device_ints([starts[j] for j in feed], self.device), src)
+
+    def _prefill_group(self, slots: list[int], pieces: list[list[int] | None]) -> torch.Tensor:
+        lengths = torch.tensor([1 if p is None else len(p) for p in pieces])
         # Offsets stay on the host: kernels plan their chunk tables from them without a device sync.
         cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        packed = torch.tensor([t for p in pieces for t in p], dtype=torch.long, device=dev)[None]
+        ids = device_ints(_packed_ids(pieces), self.device)
+        self._feed_last_tokens(ids, pieces, slots)
+        packed = ids[None]
         logits, state = self.model(packed, self.pool.read(slots), cu_seqlens=cu, last_logits_only=True)
         self.pool.write(slots, state)
         return logits
 
-    def _prefill_in_pool(self, slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
+    def _prefill_in_pool(self, slots: list[int], pieces: list[list[int] | None]) -> torch.Tensor:
         """Eager device-table prefill sized to these pieces: the kernels read each slot's state from its
         pool row and write the final state back, so the pool is never copied (the grouped path copies
         134 MB per 7B sequence out and back, and splits large packs into several forwards).
         Returns logits [len(slots), V] at the pieces' last positions."""
         tri = ops.triton_module()
-        offsets = [0, *itertools.accumulate(len(p) for p in pieces)]
-        T, N = offsets[-1], len(pieces)
+        lengths = [1 if p is None else len(p) for p in pieces]
+        T, N = sum(lengths), len(pieces)
         cfg = self.model.config  # the chunk length the packed forward would take (128 for one long prompt)
-        L = tri.inference_chunk_len(cfg.chunk_size, N, cfg.num_heads, max(len(p) for p in pieces))
+        L = tri.inference_chunk_len(cfg.chunk_size, N, cfg.num_heads, max(lengths))
         layout = tri.PackedLayout(N, T, L)
-        return self._forward_planned(layout, tri.device_ints(_plan_buffer_values(layout, slots, pieces), self.device))
+        buf = device_ints(_plan_buffer_values(layout, slots, pieces), self.device)
+        self._feed_last_tokens(buf[:T], pieces, slots)
+        return self._forward_planned(layout, buf)
 
     def _planned_layout(self, lengths: list[int]) -> "PackedLayout | None":
         """The smallest planned-prefill bucket that holds pieces of these lengths, or None."""
@@ -287,7 +331,8 @@ class ModelRunner:
         seqs = next(n for n in PREFILL_GRAPH_SEQS if n >= len(lengths))
         return ops.triton_module().PackedLayout(seqs, tokens, self.model.config.chunk_size)
 
-    def _prefill_planned(self, layout: "PackedLayout", slots: list[int], pieces: list[list[int]]) -> torch.Tensor:
+    def _prefill_planned(self, layout: "PackedLayout", slots: list[int], pieces: list[list[int] | None]
+                         ) -> torch.Tensor:
         """Prefill through the device-table path: fill the bucket's buffer, replay (or run and
         capture) its graph. Returns logits [len(slots), V] at the pieces' last positions."""
         T, N = layout.num_tokens, layout.max_seqs
@@ -298,6 +343,7 @@ class ModelRunner:
         if self.prefill_logits is None:
             self.prefill_logits = torch.zeros(PREFILL_GRAPH_SEQS[-1], self.vocab, device=self.device)
         entry.buf.copy_(torch.tensor(_plan_buffer_values(layout, slots, pieces), dtype=torch.long), non_blocking=True)
+        self._feed_last_tokens(entry.buf[:T], pieces, slots)
         if entry.graph is not None:
             entry.graph.replay()
         elif self.use_cuda_graph:
@@ -413,9 +459,18 @@ class ModelRunner:
         either; `decode_collect` waits. Steps queue in order on the device, and each feeds the
         token the previous one sampled (kept on the device), so the next step can be launched
         before the host has seen this one's tokens."""
-        n = len(slots)
         self._replay_decode(slots, mode)
-        # The next step overwrites the output buffers: copy this step's rows out now (in stream order).
+        return self._pending_outputs(len(slots), mode)
+
+    def _sample_launch(self, logits: torch.Tensor, slots: list[int], mode: DecodeMode) -> "PendingDecode":
+        """Samples and records one token per row of `logits` [n, V] for `slots` into the step output
+        buffers, and queues their copy to the host (no wait)."""
+        self._sample_and_record(logits, device_ints(slots, self.device), mode, out=self.out_tokens)
+        return self._pending_outputs(len(slots), mode)
+
+    def _pending_outputs(self, n: int, mode: DecodeMode) -> "PendingDecode":
+        """Queues the copy of the output buffers' first n rows to the host; the next step overwrites
+        the buffers, so the copy is made now (in stream order)."""
         pinned = self.device.type == "cuda"
         outs = [self.out_tokens] + ([self.out_lp, self.out_top_vals, self.out_top_ids] if mode.logprobs else [])
         host = [torch.empty(t[:n].shape, dtype=t.dtype, pin_memory=pinned) for t in outs]

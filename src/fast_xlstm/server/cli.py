@@ -34,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               cache_host_bytes=int(args.prefix_cache_host_gb * 2**30),
               max_sessions_device_bytes=int(args.session_cache_gb * 2**30),
               max_sessions_host_bytes=int(args.session_cache_host_gb * 2**30), step_log=args.step_log,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, mixed_steps=args.mixed_steps)
     if args.warmup:
         seconds = llm.engine.warm_up()
         print(f"[fast-xlstm] warmed up in {seconds:.1f} s (decode graphs, graph prefills, kernel compiles)",
@@ -81,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--session-cache-host-gb", type=float, default=16.0, help="... and spilled to host memory")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may finish after SIGINT/SIGTERM before they are aborted")
+    p.add_argument("--mixed-steps", action="store_true",
+                   help="run a step's decode and prefill as one forward (decoding requests as one-token pieces "
+                        "of the packed prefill): one weight read for both; not yet measured on a GPU")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before reading the previous one's tokens, so the host's per-token "
                         "work overlaps the GPU (default on; --no-async-scheduling steps synchronously)")

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fast_xlstm import ops
-from fast_xlstm.engine.runner import ModelRunner
+from fast_xlstm.engine.runner import DecodeMode, ModelRunner
 from fast_xlstm.generation.params import SamplingParams
 from fast_xlstm.ops import mlstm_recurrent
 from fast_xlstm.ops.triton import chunkwise_fwd
@@ -335,3 +335,28 @@ def test_prefill_in_pool_needs_the_kernels(monkeypatch):
     with pytest.raises(ValueError, match="prefill_in_pool needs the Triton kernels"):
         ModelRunner(tiny_model(seed=1), num_slots=2, prefill_in_pool=True)
     assert not ModelRunner(tiny_model(seed=1), num_slots=2).prefill_in_pool  # the default follows support
+
+
+@pytest.mark.parametrize("max_graph", [128, 0], ids=["graph-bucket", "in-pool"])
+def test_prefill_feeds_decoding_slots_their_last_token(max_graph, device):
+    """A None piece is a decoding request riding in the prefill: one token, the slot's last sampled
+    one, read on the device. Same sampled tokens, logits and pool states as a decode step for those
+    slots plus a prefill of the real pieces, through the graph bucket and the in-pool path."""
+    model = tiny_model(seed=8).to(device)
+    mixed, split = _runner(model, max_graph), _runner(model, max_graph)
+    params = SamplingParams(temperature=0)
+    dec_slots, pre_slots = [3, 1], [0, 4]
+    pieces = [random_ids((n,), model.config.vocab_size, seed=50 + n).tolist() for n in (5, 19)]
+    last = random_ids((2,), model.config.vocab_size, seed=9).tolist()
+    for runner in (mixed, split):
+        for s in dec_slots + pre_slots:
+            runner.start_request(s, [], params, seed=0)
+        runner.set_last_tokens(dec_slots, last)
+    a = mixed.prefill(dec_slots + pre_slots, [None, None] + pieces, [True, True, True, False], [params] * 4)
+    d = split.decode(dec_slots, DecodeMode.of([params, params]))
+    b = split.prefill(pre_slots, pieces, [True, False], [params] * 2)
+    assert a.tokens == d.tokens + b.tokens
+    assert torch.equal(mixed.last_token, split.last_token)
+    for la, lb in zip(mixed.pool.layers, split.pool.layers):
+        for ta, tb in zip(la, lb):
+            assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..transfer import device_ints  # noqa: F401  (also re-exported by the package)
+
 log = logging.getLogger(__name__)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -40,20 +42,6 @@ if INTERPRET:
         _interp._patch_lang_tensor = _patch_lang_tensor
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def device_ints(values: list[int], device: torch.device | str) -> torch.Tensor:
-    """int64 [len(values)] on `device`, copied without waiting for the device's queue.
-
-    A plain `torch.tensor(..., device=cuda)` is a blocking copy: the host waits until the stream has
-    drained, and the GPU idles while the host refills it. A non-blocking copy from pageable memory
-    goes through a driver staging buffer, which CUDA allows to block the host; from pinned memory
-    the copy is queued like a kernel (PyTorch's pinned-memory cache keeps the buffer until the copy
-    has run)."""
-    host = torch.tensor(values, dtype=torch.int64)
-    if torch.device(device).type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 def tl_dtype(dtype: torch.dtype):
