@@ -14,9 +14,14 @@ from fast_xlstm.server.async_engine import AsyncEngine
 from fast_xlstm.server.stream import Delta, EngineDeadError, RequestStream, SubRequest
 
 
-@pytest.fixture(params=[False, True], ids=["sync", "async-scheduling"])
+@pytest.fixture(params=[(False, False), (True, False), (True, True)],
+                ids=["sync", "async-scheduling", "async-mixed-steps"])
 def llm(request) -> LLM:
-    return LLM("xlstm-tiny", device="cpu", max_num_seqs=2, async_scheduling=request.param)
+    # (with mixed steps and async scheduling one step can report two tokens of a request: the
+    # in-flight step's and its own; the deltas must still add up)
+    async_scheduling, mixed_steps = request.param
+    return LLM("xlstm-tiny", device="cpu", max_num_seqs=2, async_scheduling=async_scheduling,
+               mixed_steps=mixed_steps)
 
 
 def _run(coro):
@@ -25,13 +30,16 @@ def _run(coro):
 
 def test_deltas_add_up_to_the_offline_output(llm):
     prompts = [llm.tokenizer.encode(t) for t in ("Once upon a time", "The river", "A")]
-    params = SamplingParams(temperature=0, max_tokens=7, logprobs=2)
+    # Different lengths: the third request's prefill comes while the first still decodes (a mixed
+    # step, with mixed steps on).
+    params = [SamplingParams(temperature=0, max_tokens=n, logprobs=2) for n in (9, 4, 7)]
     expected = llm.generate(prompts, params, use_tqdm=False)
+    mixed_before = llm.engine.stats["mixed_steps"]
 
     async def main():
         front = AsyncEngine(llm.engine)
         front.start()
-        stream = await front.submit([SubRequest(p, params) for p in prompts])  # 3 requests on 2 slots
+        stream = await front.submit([SubRequest(p, sp) for p, sp in zip(prompts, params)])  # 3 requests on 2 slots
         texts, ids, lps = ["", "", ""], [[], [], []], [[], [], []]
         async for d in stream:
             texts[d.index] += d.text
@@ -43,6 +51,7 @@ def test_deltas_add_up_to_the_offline_output(llm):
 
     texts, ids, lps, state = _run(main())
     assert texts == [e.text for e in expected] and ids == [e.token_ids for e in expected]
+    assert (llm.engine.stats["mixed_steps"] > mixed_before) == llm.engine.mixed_steps
     assert lps == [pytest.approx(e.logprobs, abs=1e-5) for e in expected]
     assert state == {"running": 0, "waiting": 0, "free_slots": 2, "slots": 2, "tracked": 0}
 

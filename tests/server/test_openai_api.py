@@ -100,9 +100,9 @@ def test_sse_wire_format(server):
         assert set(c["choices"][0]["delta"]) == {"content"}
 
 
-def test_64_concurrent_async_streams_equal_offline(async_client_factory, offline):
-    """64 streams at once on 8 slots (the rest queue) with a 64-token step budget: every one
-    finishes and equals its offline result. Odd ones are chats (default format)."""
+def _64_streams_equal_offline(make_client, offline) -> None:
+    """64 streams at once (the rest queue behind the server's slots): every one finishes and equals its
+    offline result. Odd ones are chats (default format)."""
     texts = [f"Request number {i}: " + "word " * (i % 13) for i in range(64)]
     max_tokens = [4 + i % 9 for i in range(64)]
     prompts = [t if i % 2 == 0 else offline.tokenizer.encode(f"User: {t}\nAssistant:") for i, t in enumerate(texts)]
@@ -124,12 +124,28 @@ def test_64_concurrent_async_streams_equal_offline(async_client_factory, offline
         return text, finish
 
     async def main():
-        async with async_client_factory() as client:
+        async with make_client() as client:
             return await asyncio.gather(*[one(client, i) for i in range(64)])
 
     results = asyncio.run(main())
     for (text, finish), exp in zip(results, expected):
         assert text == exp.text and finish == exp.finish_reason
+
+
+def test_64_concurrent_async_streams_equal_offline(async_client_factory, offline):
+    """64 streams on 8 slots with a 64-token step budget."""
+    _64_streams_equal_offline(async_client_factory, offline)
+
+
+def test_64_concurrent_streams_with_mixed_steps(start_server, offline):
+    """The same with `--mixed-steps`: decoding requests ride in the prefill forwards of the steps that
+    also admit queued requests; the server reports that such steps ran."""
+    import openai
+
+    srv = start_server("--mixed-steps", "--max-num-batched-tokens", "64", api_key="mixed-key", slots=8)
+    _64_streams_equal_offline(lambda: openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key=srv.api_key,
+                                                         max_retries=0), offline)
+    assert srv.metrics()["fast_xlstm_engine_mixed_steps"] > 0
 
 
 def test_async_chat_non_streaming(async_client_factory, offline, ref):

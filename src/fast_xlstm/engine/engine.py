@@ -350,5 +350,7 @@ class LLMEngine:
                                       Session(req.prompt_token_ids + out))
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
-            emitted[req.request_id] = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, text, [tok],
-                                                    tr.out, finished, req.num_cached, req.index)
+            prev = emitted.get(req.request_id)  # a mixed step reports two tokens: the step in flight's and its own
+            emitted[req.request_id] = RequestOutput(
+                req.request_id, req.prompt, req.prompt_token_ids, (prev.new_text if prev else "") + text,
+                (prev.new_token_ids if prev else []) + [tok], tr.out, finished, req.num_cached, req.index)

@@ -60,7 +60,8 @@ class ServerMetrics:
                 ("step_time", "engine_step_seconds", "Seconds the engine thread spent in steps since start "
                  "(its busy time: compare with wall time to see whether the engine or the front is the bottleneck)."),
                 ("prefill_time", "engine_prefill_seconds", "Seconds of those spent in prefill forwards."),
-                ("decode_time", "engine_decode_seconds", "Seconds of those spent in decode steps.")):
+                ("decode_time", "engine_decode_seconds", "Seconds of those spent in decode steps."),
+                ("mixed_steps", "engine_mixed_steps", "Steps whose decode rode in the prefill forward (--mixed-steps).")):
             Gauge(f"{PREFIX}_{name}", doc, registry=r).set_function(lambda key=key: self._stats().get(key, 0))
 
     def bind_engine_state(self, state: Callable[[], dict[str, int]],
