@@ -1,10 +1,14 @@
 """Serving benchmark on one GPU (issue 5), in one run:
 
 1. server throughput at 64 and 256 concurrent requests (512 prompt / 256 output tokens), as a ratio
-   to static-batch decode throughput at the same batch size measured in this run;
+   to static-batch decode throughput at the same batch size measured in this run. Each load is
+   CONCURRENCY:REQUESTS: 256:256 is one wave (every request arrives at once, so no prefill can
+   overlap any decode), 256:1024 a steady state of arrivals and departures. Several server variants
+   (`--variant NAME=ARGS`) run the same loads against one baseline;
 2. time to first token with a shared 2,048-token system prompt, prefix cache on vs off.
 
 Usage (from the repo root, with the package importable): python bench/serve_gpu.py --out DIR
+    [--variant base= --variant mixed=--mixed-steps] [--loads 64:256,256:1024] [--skip-prefix]
 """
 
 from __future__ import annotations
@@ -59,13 +63,13 @@ def engine_gauges(port: int) -> dict[str, float]:
     return out
 
 
-def load(out: Path, name: str, port: int, *args: str) -> dict:
+def load(out: Path, name: str, port: int, vocab: str, *args: str) -> dict:
     """Runs bench/load.py; adds what the engine did meanwhile (`engine`: steps and seconds busy,
     from /metrics, warm-up requests included) next to the client's wall time."""
     path = out / f"load-{name}.json"
     before, start = engine_gauges(port), time.time()
     subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--base-url", f"http://127.0.0.1:{port}/v1",
-                    "--vocab-size", "50304", "--output", str(path), *args], check=True)
+                    "--vocab-size", vocab, "--output", str(path), *args], check=True)
     after = engine_gauges(port)
     result = json.loads(path.read_text())
     result["engine"] = {k: after[k] - before.get(k, 0.0) for k in after}
@@ -74,8 +78,8 @@ def load(out: Path, name: str, port: int, *args: str) -> dict:
     return result
 
 
-def static_decode(model: str, batches: list[int], steps: int = 32, prompt: int = 512, output: int = 256
-                  ) -> tuple[dict[int, float], dict[int, float]]:
+def static_decode(model: str, batches: list[int], steps: int = 32, prompt: int = 512, output: int = 256,
+                  device: str = "cuda", compile_decode: bool = True) -> tuple[dict[int, float], dict[int, float]]:
     """Decode tok/s of a static batch through the same runner and settings as the server (compiled
     decode step, CUDA graphs), without the server or the scheduler; and the output tok/s of a whole
     static batch (prefill of `prompt` tokens per sequence, then `output` decode steps)."""
@@ -86,11 +90,12 @@ def static_decode(model: str, batches: list[int], steps: int = 32, prompt: int =
     from fast_xlstm.config import get_preset
     from fast_xlstm.model import XLSTMForCausalLM
 
-    m = XLSTMForCausalLM.from_config(get_preset(model), dtype=torch.bfloat16, device="cuda", seed=0).fuse_projections()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    m = XLSTMForCausalLM.from_config(get_preset(model), dtype=dtype, device=device, seed=0).fuse_projections()
     out, whole = {}, {}
-    stack = OursStack(m, max_batch=max(batches), state_dtype=torch.float32, compile_decode=True)
+    stack = OursStack(m, max_batch=max(batches), state_dtype=torch.float32, compile_decode=compile_decode)
     for b in batches:
-        prompts = torch.randint(1, m.config.vocab_size, (b, prompt), device="cuda")
+        prompts = torch.randint(1, m.config.vocab_size, (b, prompt), device=device)
         t_prefill = wall(lambda: stack.prefill(prompts), m.device, warmup=1, repeat=1)
         stack.decode(b, 2)
         t = wall(lambda: stack.decode(b, steps), m.device, warmup=0, repeat=2)
@@ -99,64 +104,122 @@ def static_decode(model: str, batches: list[int], steps: int = 32, prompt: int =
     return out, whole
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def parse_loads(text: str) -> list[tuple[int, int]]:
+    """"64:256,256:1024" -> [(64, 256), (256, 1024)]: (concurrent clients, requests in all)."""
+    loads = []
+    for part in text.split(","):
+        c, sep, n = part.strip().partition(":")
+        if not sep or not c.isdigit() or not n.isdigit() or int(c) < 1 or int(n) < int(c):
+            raise argparse.ArgumentTypeError(f"a load is CONCURRENCY:REQUESTS with REQUESTS >= CONCURRENCY >= 1, "
+                                             f"got {part!r}")
+        loads.append((int(c), int(n)))
+    return loads
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """"mixed=--mixed-steps --max-num-batched-tokens 2048" -> ("mixed", [...])."""
+    name, sep, extra = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"a variant is NAME=SERVER_ARGS with NAME a word, got {text!r}")
+    return name, extra.split()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/serve")
     ap.add_argument("--model", default="xlstm-7b")
-    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--device", default="cuda", help="where the static baseline runs (the server picks its own)")
+    ap.add_argument("--no-compile", action="store_true", help="eager server and baseline (CPU plumbing checks)")
+    ap.add_argument("--loads", type=parse_loads, default=parse_loads("64:256,256:256,256:1024"),
+                    help="throughput loads as CONCURRENCY:REQUESTS, comma-separated: with as many requests as "
+                         "clients all arrive at once (one wave: its prefill cannot overlap any decode); with "
+                         "several times more the server reaches a steady state of arrivals and departures")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--output-tokens", type=int, default=256)
     ap.add_argument("--only-prefix", action="store_true", help="only the shared-prefix TTFT comparison")
     ap.add_argument("--skip-prefix", action="store_true", help="only the throughput runs")
-    ap.add_argument("--server-args", default="", help="more `fast-xlstm serve` options for both servers, "
-                    "e.g. '--async-scheduling'")
+    ap.add_argument("--prefix-tokens", type=int, default=2048, help="the shared prefix of the TTFT comparison")
+    ap.add_argument("--prefix-requests", type=int, default=48, help="requests (one at a time) per TTFT side")
+    ap.add_argument("--server-args", default="", help="more `fast-xlstm serve` options for every server, "
+                    "e.g. '--server-args=--mixed-steps'")
+    ap.add_argument("--variant", type=parse_variant, action="append", default=[],
+                    help="NAME=SERVER_ARGS (repeatable): one throughput server per variant, all against the "
+                         "same static baseline; default one variant, 'default', with no more options")
     ap.add_argument("--client-processes", type=int, default=4,
                     help="load generator processes for the throughput runs (one cannot parse 8k chunks/s)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"), "model": args.model}
     # TTFT runs ask for logprobs so the server sends a chunk per token: with random weights many
     # tokens decode to no text, and a text-only stream would time the first visible text instead.
-    prefix_args = ("--concurrency", "1", "--num-requests", "48", "--shared-prefix-tokens", "2048", "--prompt-tokens",
-                   "64", "--output-tokens", "8", "--warmup", "2", "--logprobs")
-
+    prefix_args = ("--concurrency", "1", "--num-requests", str(args.prefix_requests), "--shared-prefix-tokens",
+                   str(args.prefix_tokens), "--prompt-tokens", "64", "--output-tokens", "8", "--warmup", "2",
+                   "--logprobs")
+    vocab = str(_vocab_size(args.model))
+    compile_flag = [] if args.no_compile else ["--compile"]
     port = 8123
-    extra = args.server_args.split()
-    result["server_args"] = extra
-    srv = start_server(out, "cache-on", port, args.model, "--max-num-seqs", "64" if args.only_prefix else "256",
-                       "--compile", "--step-log", str(out / "steps-cache-on.jsonl"), *extra)
-    try:
-        for c in () if args.only_prefix else (64, 256):
-            result[f"concurrency_{c}"] = load(out, f"c{c}", port, "--concurrency", str(c), "--num-requests",
-                                              str(max(args.requests, c)), "--prompt-tokens", "512",
-                                              "--output-tokens", "256", "--warmup", "4", "--processes",
-                                              str(args.client_processes))
-        if not args.skip_prefix:
-            result["ttft_shared_prefix_cache_on"] = load(out, "prefix-on", port, *prefix_args)
-    finally:
-        stop(srv)
-    if not args.skip_prefix:
-        srv = start_server(out, "cache-off", port, args.model, "--max-num-seqs", "8", "--no-prefix-cache", "--compile",
-                           *extra)
+    common = args.server_args.split()
+    result["server_args"] = common
+    variants = args.variant or [("default", [])]
+    loads = [] if args.only_prefix else args.loads
+    most = max([c for c, _ in loads], default=64)
+    result["loads"] = [f"c{c}_n{n}" for c, n in loads]
+    result["variants"] = {}
+    for name, extra in variants:
+        if not loads:
+            break
+        srv = start_server(out, name, port, args.model, "--max-num-seqs", str(most), *compile_flag,
+                           "--step-log", str(out / f"steps-{name}.jsonl"), *common, *extra)
+        runs: dict = {"server_args": common + extra}
         try:
-            result["ttft_shared_prefix_cache_off"] = load(out, "prefix-off", port, *prefix_args)
+            for c, n in loads:
+                runs[f"c{c}_n{n}"] = load(out, f"{name}-c{c}-n{n}", port, vocab, "--concurrency", str(c),
+                                          "--num-requests", str(n), "--prompt-tokens", str(args.prompt_tokens),
+                                          "--output-tokens", str(args.output_tokens), "--warmup", "4",
+                                          "--processes", str(args.client_processes))
         finally:
             stop(srv)
-    static, whole = ({}, {}) if args.only_prefix else static_decode(args.model, [64, 256])
-    result["static_decode_tok_s"] = static
-    result["static_batch_with_prefill_tok_s"] = whole
-    for c in () if args.only_prefix else (64, 256):
-        served = result[f"concurrency_{c}"]
-        tput = served["output_throughput_tok_s"]
-        result[f"ratio_served_to_static_{c}"] = tput / static[c] if tput else None
-        result[f"ratio_served_to_static_batch_with_prefill_{c}"] = tput / whole[c] if tput else None
+        result["variants"][name] = runs
     if not args.skip_prefix:
+        srv = start_server(out, "cache-on", port, args.model, "--max-num-seqs", "64", *compile_flag, "--step-log",
+                           str(out / "steps-prefix-on.jsonl"), *common)
+        try:
+            result["ttft_shared_prefix_cache_on"] = load(out, "prefix-on", port, vocab, *prefix_args)
+        finally:
+            stop(srv)
+        srv = start_server(out, "cache-off", port, args.model, "--max-num-seqs", "8", "--no-prefix-cache",
+                           *compile_flag, *common)
+        try:
+            result["ttft_shared_prefix_cache_off"] = load(out, "prefix-off", port, vocab, *prefix_args)
+        finally:
+            stop(srv)
         on = result["ttft_shared_prefix_cache_on"]["ttft_ms"]["p50"]
         off = result["ttft_shared_prefix_cache_off"]["ttft_ms"]["p50"]
         result["ttft_p50_ratio_off_over_on"] = off / on
+    if loads:
+        batches = sorted({c for c, _ in loads})
+        static, whole = static_decode(args.model, batches, prompt=args.prompt_tokens, output=args.output_tokens,
+                                      device=args.device, compile_decode=not args.no_compile)
+        result["static_decode_tok_s"] = static
+        result["static_batch_with_prefill_tok_s"] = whole
+        ratios = result["ratios_served_to_static_decode"] = {}
+        for name, runs in result["variants"].items():
+            for c, n in loads:
+                tput = runs[f"c{c}_n{n}"]["output_throughput_tok_s"]
+                ratios[f"{name}/c{c}_n{n}"] = {"to_static_decode": tput / static[c] if tput else None,
+                                               "to_static_batch_with_prefill": tput / whole[c] if tput else None,
+                                               "output_tok_s": tput}
     (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict) or k.startswith("static")},
+    print(json.dumps({k: v for k, v in result.items() if k != "variants" and not k.startswith("ttft_shared")},
                      indent=2))
     return 0
+
+
+def _vocab_size(model: str) -> int:
+    from fast_xlstm.config import get_preset
+
+    return get_preset(model).vocab_size
 
 
 if __name__ == "__main__":

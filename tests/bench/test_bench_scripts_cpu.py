@@ -55,3 +55,46 @@ def test_prefill_in_pool_bench_writes_rows(tmp_path):
     r = json.loads(out.read_text())
     assert [(row["prompts"], row["tokens_each"]) for row in r["rows"]] == [(2, 20), (3, 8)]
     assert all(row["grouped_ms"] > 0 and row["grouped_tok_s"] > 0 for row in r["rows"])
+
+
+def test_serve_gpu_runs_variants_loads_and_prefix_on_cpu(tmp_path):
+    # Real `fast-xlstm serve` processes and the real load generator, tiny model, eager: two server
+    # variants over one wave and a longer load, then the prefix TTFT comparison, against one baseline.
+    mod = _load("serve_gpu")
+    out = tmp_path / "serve"
+    assert mod.main(["--out", str(out), "--model", "xlstm-tiny", "--device", "cpu", "--no-compile",
+                     "--loads", "2:2,2:5", "--prompt-tokens", "16", "--output-tokens", "4", "--client-processes", "1",
+                     "--prefix-tokens", "600", "--prefix-requests", "3",
+                     "--variant", "base=", "--variant", "mixed=--mixed-steps --max-num-batched-tokens 24"]) == 0
+    r = json.loads((out / "serve.json").read_text())
+    assert set(r["variants"]) == {"base", "mixed"} and r["loads"] == ["c2_n2", "c2_n5"]
+    assert r["variants"]["mixed"]["server_args"] == ["--mixed-steps", "--max-num-batched-tokens", "24"]
+    for name in ("base", "mixed"):
+        for key, n in (("c2_n2", 2), ("c2_n5", 5)):
+            run = r["variants"][name][key]
+            assert run["requests"]["completed"] == n and run["requests"]["failed"] == 0
+            assert run["output_tokens"] == 4 * n and run["engine"]["steps"] > 0
+    # The mixed server did run steps with prefill and decode in one forward; the other did not.
+    assert r["variants"]["mixed"]["c2_n5"]["engine"]["mixed_steps"] > 0
+    assert r["variants"]["base"]["c2_n5"]["engine"]["mixed_steps"] == 0
+    ratios = r["ratios_served_to_static_decode"]
+    assert set(ratios) == {f"{v}/{k}" for v in ("base", "mixed") for k in ("c2_n2", "c2_n5")}
+    assert all(x["to_static_decode"] > 0 for x in ratios.values()) and r["static_decode_tok_s"]["2"] > 0
+    assert r["ttft_shared_prefix_cache_on"]["cached_prompt_tokens"] > 0
+    assert r["ttft_shared_prefix_cache_off"]["cached_prompt_tokens"] == 0
+    assert r["ttft_p50_ratio_off_over_on"] > 0
+    assert (out / "steps-mixed.jsonl").read_text().strip()
+
+
+def test_serve_gpu_rejects_bad_loads_and_variants():
+    mod = _load("serve_gpu")
+    import argparse
+
+    import pytest
+
+    for bad in ("64", "64:32", "0:4", "a:b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="CONCURRENCY:REQUESTS"):
+            mod.parse_loads(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=SERVER_ARGS"):
+        mod.parse_variant("--mixed-steps")
+    assert mod.parse_variant("m=--mixed-steps --x 1") == ("m", ["--mixed-steps", "--x", "1"])
