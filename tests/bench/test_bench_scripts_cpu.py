@@ -98,3 +98,14 @@ def test_serve_gpu_rejects_bad_loads_and_variants():
     with pytest.raises(argparse.ArgumentTypeError, match="NAME=SERVER_ARGS"):
         mod.parse_variant("--mixed-steps")
     assert mod.parse_variant("m=--mixed-steps --x 1") == ("m", ["--mixed-steps", "--x", "1"])
+
+
+def test_mixed_step_times_both_ways_on_cpu(tmp_path):
+    mod = _load("mixed_step")
+    out = tmp_path / "mixed.json"
+    assert mod.main(["--model", "xlstm-tiny", "--cases", "3:1x20,0:2x9", "--no-compile", "--repeat", "1",
+                     "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [(x["decode_rows"], x["prompts"], x["tokens_each"]) for x in r["rows"]] == [(3, 1, 20), (0, 2, 9)]
+    for row in r["rows"]:
+        assert row["mixed_ms"] > 0 and row["split_ms"] > 0 and 0 < row["mixed_host_launch_ms"] <= row["mixed_ms"]

@@ -356,7 +356,8 @@ def test_prefill_feeds_decoding_slots_their_last_token(max_graph, device):
     d = split.decode(dec_slots, DecodeMode.of([params, params]))
     b = split.prefill(pre_slots, pieces, [True, False], [params] * 2)
     assert a.tokens == d.tokens + b.tokens
-    assert torch.equal(mixed.last_token, split.last_token)
+    # (the last row is the padding slot's: CUDA-graph captures write it, and only `split` decoded)
+    assert torch.equal(mixed.last_token[:-1], split.last_token[:-1])
     for la, lb in zip(mixed.pool.layers, split.pool.layers):
         for ta, tb in zip(la, lb):
             assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
