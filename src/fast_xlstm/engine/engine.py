@@ -68,10 +68,11 @@ class LLMEngine:
         next step instead of leaving it idle. A request that finishes is seen one step late: the
         step already launched computes one token for it that is dropped.
 
-        mixed_steps: a step with both prefill and decode runs them as one forward: each decoding
-        request is a one-token piece of the packed prefill, fed its last sampled token on the device
-        (so it needs no host read and launches before the previous step is read). The weights are
-        read once for both, where separate forwards read them twice; the tokens are the same.
+        mixed_steps: a step with both prefill and decode runs them as one forward when the prefill
+        fits a graph bucket (`ModelRunner.mixed_layout`; larger prefills run apart, where the
+        decode's share is small): the GEMMs read the weights once for both, the decoding requests
+        take the decode step's kernel, fed their last sampled token on the device (so the step
+        launches before the previous one is read). The tokens are the same as apart.
         """
         self.model, self.tokenizer = model, tokenizer
         self.step_log = None if step_log is None else open(step_log, "a", buffering=1)
@@ -136,7 +137,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         greedy = DecodeMode(sample=False, filters=False, penalties=False, logprobs=False)
         self.runner.warm_up([greedy, dataclasses.replace(greedy, logprobs=True),
-                             dataclasses.replace(greedy, sample=True)])
+                             dataclasses.replace(greedy, sample=True)], mixed=self.mixed_steps)
         return time.perf_counter() - t0
 
     def abort(self, request_id: str) -> bool:
@@ -210,7 +211,8 @@ class LLMEngine:
 
     def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
         emitted: dict[str, RequestOutput] = {}
-        if self.mixed_steps and sched.prefill and sched.decode:
+        if self.mixed_steps and sched.prefill and sched.decode and self.runner.mixed_layout(
+                len(sched.decode), [c.end - c.start for c in sched.prefill]) is not None:
             self._mixed_step(sched, emitted)
             return list(emitted.values())
         # Decode first: the requests that were running before this step's prefill.

@@ -41,6 +41,7 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_GRAPH_SEQS = (1, 2, 4, 8)  # sequence-count buckets of graph prefills
 PREFILL_GRAPH_MIN_TOKENS = 16  # smallest token bucket (the kernels' smallest chunk)
 LOGPROBS_K = 20  # the most alternatives a decode step reports (OpenAI's limit)
+MIXED_WARM_UP_PROMPT = 512  # mixed-step graphs warmed up: 1, 2 and 4 prompts of this length, every decode bucket
 
 
 def compile_block_steps(model: XLSTMForCausalLM, mode: str | None = None) -> None:
@@ -99,11 +100,15 @@ class DecodeMode:
 @dataclass
 class _PlannedPrefill:
     """One (sequences, tokens) bucket of the device-table prefill: its static input buffer
-    (int64: tokens [T] | pool rows [N] | last positions [N] | kernel tables) and its graph."""
+    (int64: tokens [T] | pool rows [N] | last positions [N] | kernel tables) and its graph. With
+    `decode_bucket` > 0 it is a mixed step: that many decode rows (pool rows in `dec_slots`, int32,
+    -1 = padding) ride in the same forward ahead of the prefill."""
 
     layout: "PackedLayout"
     buf: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
+    decode_bucket: int = 0
+    dec_slots: torch.Tensor | None = None
 
 
 @dataclass
@@ -208,8 +213,10 @@ class ModelRunner:
         if prefill_in_pool and not supported:
             raise ValueError("prefill_in_pool needs the Triton kernels (a CUDA device, or their interpreter)")
         self.prefill_in_pool = supported if prefill_in_pool is None else prefill_in_pool
-        self._planned: dict["PackedLayout", _PlannedPrefill] = {}  # per bucket (layouts are frozen dataclasses)
+        # per (decode bucket, layout): 0 for a plain prefill (layouts are frozen dataclasses)
+        self._planned: dict[tuple[int, "PackedLayout"], _PlannedPrefill] = {}
         self.prefill_logits: torch.Tensor | None = None  # [max sequences, V] fp32, the planned path's output
+        self.mixed_logits: torch.Tensor | None = None  # [max bucket + max sequences, V] fp32, mixed steps'
 
     # ---- per-request setup ----------------------------------------------------------------------
     def start_request(self, slot: int, prompt_ids: list[int], params: SamplingParams, seed: int,
@@ -261,8 +268,20 @@ class ModelRunner:
                        modes: list[SamplingParams]) -> "PendingDecode":
         """Queues `prefill`'s forward and sampling without waiting for either; `prefill_collect` waits."""
         lengths = [1 if p is None else len(p) for p in pieces]
-        layout = self._planned_layout(lengths)
-        if layout is not None:
+        dec = [j for j, p in enumerate(pieces) if p is None]
+        pre = [j for j, p in enumerate(pieces) if p is not None]
+        mixed = self.mixed_layout(len(dec), [lengths[j] for j in pre])
+        layout = None if mixed is not None else self._planned_layout(lengths)
+        if mixed is not None:
+            logits = self._prefill_planned(mixed, [slots[j] for j in pre], [pieces[j] for j in pre],
+                                           dec_slots=[slots[j] for j in dec])
+            if dec[-1] > pre[0]:  # rows come decode first: back to the pieces' order
+                order = dec + pre
+                inverse = [0] * len(order)
+                for r, j in enumerate(order):
+                    inverse[j] = r
+                logits = logits[device_ints(inverse, self.device)]
+        elif layout is not None:
             logits = self._prefill_planned(layout, slots, pieces)
         elif self.prefill_in_pool and min(lengths) >= 1 and len(set(slots)) == len(slots):
             logits = self._prefill_in_pool(slots, pieces)
@@ -320,6 +339,16 @@ class ModelRunner:
         self._feed_last_tokens(buf[:T], pieces, slots)
         return self._forward_planned(layout, buf)
 
+    def mixed_layout(self, decode: int, lengths: list[int]) -> "PackedLayout | None":
+        """The prefill layout of a mixed step: `decode` decoding rows and prompt pieces of `lengths`
+        in one forward (the GEMMs read the weights once for both; the decode rows take the decode
+        step's kernel, the pieces the chunkwise ones), replayed as a CUDA graph per (decode bucket,
+        layout). None when there is no such graph (no decode rows or no pieces, or the pieces are
+        too many or too long for a graph bucket): the caller runs decode and prefill apart."""
+        if decode < 1 or decode > self.buckets[-1] or not lengths:
+            return None
+        return self._planned_layout(lengths)
+
     def _planned_layout(self, lengths: list[int]) -> "PackedLayout | None":
         """The smallest planned-prefill bucket that holds pieces of these lengths, or None."""
         total = sum(lengths)
@@ -331,18 +360,29 @@ class ModelRunner:
         seqs = next(n for n in PREFILL_GRAPH_SEQS if n >= len(lengths))
         return ops.triton_module().PackedLayout(seqs, tokens, self.model.config.chunk_size)
 
-    def _prefill_planned(self, layout: "PackedLayout", slots: list[int], pieces: list[list[int] | None]
-                         ) -> torch.Tensor:
+    def _prefill_planned(self, layout: "PackedLayout", slots: list[int], pieces: list[list[int] | None],
+                         dec_slots: list[int] = ()) -> torch.Tensor:
         """Prefill through the device-table path: fill the bucket's buffer, replay (or run and
-        capture) its graph. Returns logits [len(slots), V] at the pieces' last positions."""
+        capture) its graph. With `dec_slots`, a mixed step: those slots decode (fed their last
+        sampled token) in the same forward. Returns logits [len(dec_slots) + len(slots), V]: the
+        decode rows', then the pieces' last positions'."""
         T, N = layout.num_tokens, layout.max_seqs
-        entry = self._planned.get(layout)
+        D = len(dec_slots)
+        bucket = self.bucket_for(D) if D else 0
+        entry = self._planned.get((bucket, layout))
         if entry is None:
-            entry = self._planned[layout] = _PlannedPrefill(
-                layout, torch.zeros(T + 2 * N + layout.size, dtype=torch.long, device=self.device))
-        if self.prefill_logits is None:
+            entry = self._planned[(bucket, layout)] = _PlannedPrefill(
+                layout, torch.zeros(T + 2 * N + layout.size, dtype=torch.long, device=self.device),
+                decode_bucket=bucket,
+                dec_slots=torch.full((bucket,), -1, dtype=torch.int32, device=self.device) if bucket else None)
+        if bucket and self.mixed_logits is None:
+            self.mixed_logits = torch.zeros(self.buckets[-1] + PREFILL_GRAPH_SEQS[-1], self.vocab, device=self.device)
+        elif not bucket and self.prefill_logits is None:
             self.prefill_logits = torch.zeros(PREFILL_GRAPH_SEQS[-1], self.vocab, device=self.device)
         entry.buf.copy_(torch.tensor(_plan_buffer_values(layout, slots, pieces), dtype=torch.long), non_blocking=True)
+        if bucket:
+            entry.dec_slots.copy_(torch.tensor(list(dec_slots) + [-1] * (bucket - D), dtype=torch.int32),
+                                  non_blocking=True)
         self._feed_last_tokens(entry.buf[:T], pieces, slots)
         if entry.graph is not None:
             entry.graph.replay()
@@ -350,17 +390,31 @@ class ModelRunner:
             entry.graph = self._capture_prefill(entry)
         else:
             self._prefill_body(entry)
-        return self.prefill_logits[:len(slots)].clone()  # the buffer is the next prefill's output too
+        # (the output buffers are the next step's too: copies leave them)
+        if bucket:
+            return torch.cat([self.mixed_logits[:D], self.mixed_logits[bucket:bucket + len(slots)]])
+        return self.prefill_logits[:len(slots)].clone()
 
     def _prefill_body(self, entry: _PlannedPrefill) -> None:
-        self.prefill_logits[:entry.layout.max_seqs].copy_(self._forward_planned(entry.layout, entry.buf))
+        if entry.decode_bucket:
+            rows = entry.decode_bucket + entry.layout.max_seqs
+            self.mixed_logits[:rows].copy_(self._forward_planned(entry.layout, entry.buf, entry.dec_slots))
+        else:
+            self.prefill_logits[:entry.layout.max_seqs].copy_(self._forward_planned(entry.layout, entry.buf))
 
-    def _forward_planned(self, layout: "PackedLayout", buf: torch.Tensor) -> torch.Tensor:
+    def _forward_planned(self, layout: "PackedLayout", buf: torch.Tensor, dec_slots: torch.Tensor | None = None
+                         ) -> torch.Tensor:
         """The model's pool-row prefill from a device buffer laid out by `_plan_buffer_values`;
-        logits [max_seqs, V] at each sequence's last position."""
+        logits [max_seqs, V] at each sequence's last position. With `dec_slots` (int32 [D], -1 =
+        padding), a mixed step: those rows decode their slot's last sampled token in the same
+        forward, and their logits come first ([D + max_seqs, V])."""
         T, N = layout.num_tokens, layout.max_seqs
         plan = ops.triton_module().PackedPlan.from_buffer(layout, buf[T + 2 * N:])
-        return self.model.prefill_slots(buf[:T][None], self.pool.layers, buf[T:T + N], plan, buf[T + N:T + 2 * N])
+        rows, last = buf[T:T + N], buf[T + N:T + 2 * N]
+        if dec_slots is None:
+            return self.model.prefill_slots(buf[:T][None], self.pool.layers, rows, plan, last)
+        fed = self.last_token[torch.where(dec_slots >= 0, dec_slots, self.num_slots).long()]
+        return self.model.mixed_slots(torch.cat([fed, buf[:T]])[None], self.pool.layers, dec_slots, rows, plan, last)
 
     def _warmup_stream(self) -> torch.cuda.Stream:
         """One side stream for every warm-up and capture (cuBLAS keeps a 32 MiB workspace per stream,
@@ -536,9 +590,10 @@ class ModelRunner:
                     self._capture(b, mode)
 
     @torch.inference_mode()
-    def warm_up(self, modes: list[DecodeMode]) -> None:
+    def warm_up(self, modes: list[DecodeMode], mixed: bool = False) -> None:
         """Does ahead of the first request what would otherwise stall a live step: decode graphs of
-        `modes` for every bucket, every graph-prefill bucket (N sequences in T tokens), and the
+        `modes` for every bucket, every graph-prefill bucket (N sequences in T tokens; with `mixed`,
+        the usual mixed-step graphs too), and the
         JIT compiles of the eager prefill (the Triton kernels specialize on whether the packed
         length is a multiple of 16, so one of each). Uses the first slots and empties them after;
         call it before any request holds a slot."""
@@ -553,6 +608,15 @@ class ModelRunner:
                     pieces = [[1] * (t // n)] * n  # powers of two, t >= 16 >= n
                     self._prefill_planned(self._planned_layout([len(p) for p in pieces]), slots, pieces)
                     t *= 2
+            # Mixed steps of one, two or four prompts (a server's usual arrivals) for every
+            # decode bucket; padding decode rows (-1) touch no slot. Other layouts capture on first use.
+            t = MIXED_WARM_UP_PROMPT
+            for n in (1, 2, 4) if mixed else ():
+                if n <= self.num_slots and t * n <= self.max_graph_prefill_tokens:
+                    self.pool.reset(list(range(n)))
+                    for b in reversed(self.buckets):
+                        self._prefill_planned(self._planned_layout([t] * n), list(range(n)), [[1] * t] * n,
+                                              dec_slots=[-1] * b)
         for total in (2 * self.max_graph_prefill_tokens + 16, 2 * self.max_graph_prefill_tokens + 17):
             if self.prefill_in_pool:  # one and two sequences: the kernels specialize on counts of 1
                 for n in (1, 2) if self.num_slots >= 2 else (1,):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import XLSTMConfig
 from ..ops import MLSTMState
 from .layers import FeedForward, RMSNorm, soft_cap
@@ -94,6 +95,24 @@ class MLSTMBlock(nn.Module):
         q, k, v, o, i, f = self.pre_cell(x)
         h, _ = self.mlstm_layer.cell(q, k, v, i, f, pool, None, plan=plan, state_rows=rows, final_to_pool=True)
         return self.post_cell(x, h, o)
+
+    def mixed_slots(self, x: torch.Tensor, pool: MLSTMState, slots: torch.Tensor, rows: torch.Tensor,
+                    plan: "PackedPlan") -> torch.Tensor:
+        """x [1, D + T, d]: D decode rows (one token each, pool rows `slots` [D] int32, -1 = skip),
+        then the packed prefill of the plan's sequences (pool rows `rows`) -> [1, D + T, d].
+
+        The projections and the FFN run once over all D + T tokens (the weights are read once for
+        both); the cell runs the decode step kernel on the first D rows and the chunkwise kernels
+        on the rest, each on its own pool rows, updated in place."""
+        D = slots.shape[0]
+        q, k, v, o, i, f = self.pre_cell(x)
+        nh = self.mlstm_layer.num_heads
+        h_dec = ops.mlstm_step_slots_(q[0, :D].unflatten(-1, (nh, -1)), k[0, :D].unflatten(-1, (nh, -1)),
+                                      v[0, :D].unflatten(-1, (nh, -1)), i[0, :D], f[0, :D], *pool, slots,
+                                      eps=self.mlstm_layer.eps)
+        h_pre, _ = self.mlstm_layer.cell(q[:, D:], k[:, D:], v[:, D:], i[:, D:], f[:, D:], pool, None, plan=plan,
+                                         state_rows=rows, final_to_pool=True)
+        return self.post_cell(x, torch.cat([h_dec[None], h_pre], dim=1), o)
 
 
 class XLSTMBackbone(nn.Module):
@@ -308,6 +327,25 @@ class XLSTMForCausalLM(nn.Module):
         for block, layer_pool in zip(self.backbone.blocks, pool):
             x = block.prefill_slots(x, layer_pool, rows, plan)
         return self._head(x[0].index_select(0, last_index))
+
+    def mixed_slots(self, input_ids: torch.Tensor, pool: ModelState, slots: torch.Tensor, rows: torch.Tensor,
+                    plan: "PackedPlan", last_index: torch.Tensor) -> torch.Tensor:
+        """A decode step and a packed prefill as one forward, on state-pool rows (updated in place),
+        with no host sync (CUDA-graph capturable): the GEMMs read the weights once for both.
+
+        Args:
+            input_ids: [1, D + T]: the D decode rows' tokens, then the prefill's T packed positions;
+            pool: per-block (C [P, ...], n, m) tensors; slots: [D] int32 pool rows of the decode rows
+                (-1 = skip: padding); rows, plan, last_index: the prefill's, as in `prefill_slots`
+                (positions counted within the T).
+        Returns:
+            logits fp32 [D + N, V]: the decode rows', then each prefill sequence's last position's.
+        """
+        D = slots.shape[0]
+        x = self.backbone.embeddings(input_ids)
+        for block, layer_pool in zip(self.backbone.blocks, pool):
+            x = block.mixed_slots(x, layer_pool, slots, rows, plan)
+        return self._head(torch.cat([x[0, :D], x[0, D:].index_select(0, last_index)]))
 
 
 def _gate_linears(model: XLSTMForCausalLM) -> set[nn.Module]:

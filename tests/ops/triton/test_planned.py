@@ -222,8 +222,8 @@ def test_planned_forward_copies_nothing(device, seed, make_inputs, random_state,
     assert not copies, f"copies outside the kernels: {copies} (all ops: {log.names})"
 
 
-def _runner(model, max_graph_prefill_tokens, prefill_in_pool=None):
-    runner = ModelRunner(model, num_slots=5, max_graph_prefill_tokens=max_graph_prefill_tokens,
+def _runner(model, max_graph_prefill_tokens, prefill_in_pool=None, num_slots=5):
+    runner = ModelRunner(model, num_slots=num_slots, max_graph_prefill_tokens=max_graph_prefill_tokens,
                          prefill_in_pool=prefill_in_pool)
     g = torch.Generator().manual_seed(1)
     for layer in runner.pool.layers:  # start every slot from a random (non-empty) state
@@ -337,27 +337,40 @@ def test_prefill_in_pool_needs_the_kernels(monkeypatch):
     assert not ModelRunner(tiny_model(seed=1), num_slots=2).prefill_in_pool  # the default follows support
 
 
-@pytest.mark.parametrize("max_graph", [128, 0], ids=["graph-bucket", "in-pool"])
-def test_prefill_feeds_decoding_slots_their_last_token(max_graph, device):
+@pytest.mark.parametrize("order", ["decode-first", "interleaved"])
+@pytest.mark.parametrize("max_graph", [128, 0], ids=["mixed-graph", "in-pool"])
+def test_prefill_feeds_decoding_slots_their_last_token(max_graph, order, device):
     """A None piece is a decoding request riding in the prefill: one token, the slot's last sampled
     one, read on the device. Same sampled tokens, logits and pool states as a decode step for those
-    slots plus a prefill of the real pieces, through the graph bucket and the in-pool path."""
+    slots plus a prefill of the real pieces: through a mixed-step graph bucket (3 decode rows padded
+    to a bucket of 4: the step kernel on the decode rows, the chunkwise kernels on the pieces) and
+    through the in-pool path (one-token sequences); the slot nobody uses stays untouched."""
     model = tiny_model(seed=8).to(device)
-    mixed, split = _runner(model, max_graph), _runner(model, max_graph)
+    mixed, split = _runner(model, max_graph, num_slots=6), _runner(model, max_graph, num_slots=6)
     params = SamplingParams(temperature=0)
-    dec_slots, pre_slots = [3, 1], [0, 4]
+    dec_slots, pre_slots = [3, 1, 5], [0, 4]
     pieces = [random_ids((n,), model.config.vocab_size, seed=50 + n).tolist() for n in (5, 19)]
-    last = random_ids((2,), model.config.vocab_size, seed=9).tolist()
+    last = random_ids((3,), model.config.vocab_size, seed=9).tolist()
     for runner in (mixed, split):
         for s in dec_slots + pre_slots:
             runner.start_request(s, [], params, seed=0)
         runner.set_last_tokens(dec_slots, last)
-    a = mixed.prefill(dec_slots + pre_slots, [None, None] + pieces, [True, True, True, False], [params] * 4)
-    d = split.decode(dec_slots, DecodeMode.of([params, params]))
+    before = [[t[[2]].clone() for t in layer] for layer in mixed.pool.layers]
+    if order == "decode-first":
+        slots, mixed_pieces, ends = dec_slots + pre_slots, [None] * 3 + pieces, [True] * 4 + [False]
+    else:
+        slots, mixed_pieces = [0, 3, 4, 1, 5], [pieces[0], None, pieces[1], None, None]
+        ends = [True, True, False, True, True]
+    a = mixed.prefill(slots, mixed_pieces, ends, [params] * 5)
+    d = split.decode(dec_slots, DecodeMode.of([params] * 3))
     b = split.prefill(pre_slots, pieces, [True, False], [params] * 2)
-    assert a.tokens == d.tokens + b.tokens
+    by_slot = dict(zip(dec_slots + pre_slots[:1], d.tokens + b.tokens))
+    assert a.tokens == [by_slot[s] for s, e in zip(slots, ends) if e]
     # (the last row is the padding slot's: CUDA-graph captures write it, and only `split` decoded)
     assert torch.equal(mixed.last_token[:-1], split.last_token[:-1])
     for la, lb in zip(mixed.pool.layers, split.pool.layers):
         for ta, tb in zip(la, lb):
             assert torch.allclose(ta, tb, rtol=1e-4, atol=1e-5)
+    _assert_untouched(mixed, [2], before)
+    mixed_graphs = [key for key in mixed._planned if key[0]]
+    assert mixed_graphs == ([(4, mixed.mixed_layout(3, [5, 19]))] if max_graph else [])

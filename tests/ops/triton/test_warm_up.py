@@ -20,7 +20,7 @@ def test_warm_up_builds_every_prefill_bucket_and_leaves_no_trace(device):
     greedy = DecodeMode(sample=False, filters=False, penalties=False, logprobs=False)
     warm.warm_up([greedy])
     seqs = [n for n in PREFILL_GRAPH_SEQS if n <= 5]
-    assert {(lay.max_seqs, lay.num_tokens) for lay in warm._planned} == {(n, t) for n in seqs for t in (16, 32)}
+    assert {(lay.max_seqs, lay.num_tokens) for _, lay in warm._planned} == {(n, t) for n in seqs for t in (16, 32)}
     if warm.use_cuda_graph:
         assert all(e.graph is not None for e in warm._planned.values())
         assert {b for b, _ in warm._graphs} == set(warm.buckets)
@@ -37,3 +37,18 @@ def test_warm_up_builds_every_prefill_bucket_and_leaves_no_trace(device):
     assert torch.allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
     for la, lb in zip(warm.pool.layers, cold.pool.layers):
         assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(la, lb))
+
+
+def test_warm_up_builds_mixed_step_layouts_for_every_decode_bucket(device, monkeypatch):
+    import fast_xlstm.engine.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "MIXED_WARM_UP_PROMPT", 16)  # (512 on a server: slow in the interpreter)
+    model = tiny_model(seed=6).to(device)
+    runner = ModelRunner(model, num_slots=3, max_graph_prefill_tokens=32)
+    greedy = DecodeMode(sample=False, filters=False, penalties=False, logprobs=False)
+    runner.warm_up([greedy], mixed=True)
+    mixed = {(b, lay.max_seqs, lay.num_tokens) for b, lay in runner._planned if b}
+    assert mixed == {(b, n, 16 * n) for b in runner.buckets for n in (1, 2)}  # 4 x 16 exceeds 32 tokens
+    if runner.use_cuda_graph:
+        assert all(e.graph is not None for e in runner._planned.values())
+    assert all(not t.any() for layer in runner.pool.layers for t in layer), "warm-up must leave the pool empty"

@@ -1,0 +1,33 @@
+"""Mixed steps through the engine with the device-table kernels (Triton's interpreter on CPU, compiled
+on CUDA): decoding requests ride in a prefill's forward (the decode step's kernel on their rows, the
+chunkwise kernels on the prompt pieces, one set of GEMMs), and every output equals eager generation."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+from fast_xlstm import LLM, SamplingParams, generate
+
+PROMPTS = ["Once upon a time", "The river", "A", "hello there, how are you?", "x y z"]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=8),
+    SamplingParams(temperature=0.8, seed=4, max_tokens=6, repetition_penalty=1.2, logprobs=2),
+], ids=["greedy", "sampled-penalised-logprobs"])
+def test_mixed_steps_equal_eager_generate(device, async_scheduling, params):
+    # 3 slots for 5 prompts, 6-token step budget: prompts are prefilled in pieces while others decode.
+    llm = LLM("xlstm-tiny", device=device, dtype="float32", max_num_seqs=3, max_num_batched_tokens=6,
+              mixed_steps=True, async_scheduling=async_scheduling)
+    assert llm.engine.runner.planned_prefill
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    ref = generate(llm.model, llm.tokenizer, PROMPTS, params)
+    assert llm.engine.stats["mixed_steps"] > 0
+    assert any(key[0] for key in llm.engine.runner._planned), "no mixed-step layout ran"
+    for o, r in zip(outs, ref):
+        assert o.token_ids == r.token_ids and o.finish_reason == r.finish_reason
+        if params.logprobs is not None:
+            assert o.logprobs == pytest.approx(r.logprobs, abs=1e-4)
