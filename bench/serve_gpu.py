@@ -104,16 +104,30 @@ def static_decode(model: str, batches: list[int], steps: int = 32, prompt: int =
     return out, whole
 
 
-def parse_loads(text: str) -> list[tuple[int, int]]:
-    """"64:256,256:1024" -> [(64, 256), (256, 1024)]: (concurrent clients, requests in all)."""
+def parse_loads(text: str) -> list[tuple[int, int, float | None]]:
+    """"64:256,256:1024@30" -> [(64, 256, None), (256, 1024, 30.0)]: (concurrency, requests, arrival rate).
+
+    Without a rate, CONCURRENCY clients send back to back (the first CONCURRENCY requests arrive at
+    once); with @RATE, requests arrive as a Poisson process of RATE per second and at most
+    CONCURRENCY are open at a time, so arrivals (and hence departures) are spread out."""
     loads = []
     for part in text.split(","):
-        c, sep, n = part.strip().partition(":")
-        if not sep or not c.isdigit() or not n.isdigit() or int(c) < 1 or int(n) < int(c):
-            raise argparse.ArgumentTypeError(f"a load is CONCURRENCY:REQUESTS with REQUESTS >= CONCURRENCY >= 1, "
-                                             f"got {part!r}")
-        loads.append((int(c), int(n)))
+        spec, at, rate = part.strip().partition("@")
+        c, sep, n = spec.partition(":")
+        ok = sep and c.isdigit() and n.isdigit() and int(c) >= 1 and int(n) >= int(c)
+        try:
+            r = float(rate) if at else None
+        except ValueError:
+            ok = False
+        if not ok or (r is not None and r <= 0):
+            raise argparse.ArgumentTypeError(f"a load is CONCURRENCY:REQUESTS[@RATE] with REQUESTS >= CONCURRENCY >= 1 "
+                                             f"and RATE > 0, got {part!r}")
+        loads.append((int(c), int(n), r))
     return loads
+
+
+def load_name(c: int, n: int, rate: float | None) -> str:
+    return f"c{c}_n{n}" + ("" if rate is None else f"_r{rate:g}")
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -130,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="xlstm-7b")
     ap.add_argument("--device", default="cuda", help="where the static baseline runs (the server picks its own)")
     ap.add_argument("--no-compile", action="store_true", help="eager server and baseline (CPU plumbing checks)")
-    ap.add_argument("--loads", type=parse_loads, default=parse_loads("64:256,256:256,256:1024"),
-                    help="throughput loads as CONCURRENCY:REQUESTS, comma-separated: with as many requests as "
-                         "clients all arrive at once (one wave: its prefill cannot overlap any decode); with "
-                         "several times more the server reaches a steady state of arrivals and departures")
+    ap.add_argument("--loads", type=parse_loads, default=parse_loads("64:256,256:256,64:512@32,256:1024@64"),
+                    help="throughput loads as CONCURRENCY:REQUESTS[@RATE], comma-separated: without a rate, "
+                         "CONCURRENCY clients back to back (256:256 is one wave: every prefill before any "
+                         "decode); with Poisson arrivals at RATE per second (capped at CONCURRENCY open) "
+                         "arrivals and departures spread out, as in a steady state")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--output-tokens", type=int, default=256)
     ap.add_argument("--only-prefix", action="store_true", help="only the shared-prefix TTFT comparison")
@@ -163,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     result["server_args"] = common
     variants = args.variant or [("default", [])]
     loads = [] if args.only_prefix else args.loads
-    most = max([c for c, _ in loads], default=64)
-    result["loads"] = [f"c{c}_n{n}" for c, n in loads]
+    most = max([c for c, _, _ in loads], default=64)
+    result["loads"] = [load_name(*x) for x in loads]
     result["variants"] = {}
     for name, extra in variants:
         if not loads:
@@ -173,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                            "--step-log", str(out / f"steps-{name}.jsonl"), *common, *extra)
         runs: dict = {"server_args": common + extra}
         try:
-            for c, n in loads:
-                runs[f"c{c}_n{n}"] = load(out, f"{name}-c{c}-n{n}", port, vocab, "--concurrency", str(c),
-                                          "--num-requests", str(n), "--prompt-tokens", str(args.prompt_tokens),
-                                          "--output-tokens", str(args.output_tokens), "--warmup", "4",
-                                          "--processes", str(args.client_processes))
+            for c, n, rate in loads:
+                arrivals = (["--concurrency", str(c)] if rate is None else
+                            ["--request-rate", str(rate), "--max-concurrency", str(c)])
+                key = load_name(c, n, rate)
+                runs[key] = load(out, f"{name}-{key}", port, vocab, *arrivals, "--num-requests", str(n),
+                                 "--prompt-tokens", str(args.prompt_tokens), "--output-tokens",
+                                 str(args.output_tokens), "--warmup", "4", "--processes", str(args.client_processes))
         finally:
             stop(srv)
         result["variants"][name] = runs
@@ -198,16 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         off = result["ttft_shared_prefix_cache_off"]["ttft_ms"]["p50"]
         result["ttft_p50_ratio_off_over_on"] = off / on
     if loads:
-        batches = sorted({c for c, _ in loads})
+        batches = sorted({c for c, _, _ in loads})
         static, whole = static_decode(args.model, batches, prompt=args.prompt_tokens, output=args.output_tokens,
                                       device=args.device, compile_decode=not args.no_compile)
         result["static_decode_tok_s"] = static
         result["static_batch_with_prefill_tok_s"] = whole
         ratios = result["ratios_served_to_static_decode"] = {}
         for name, runs in result["variants"].items():
-            for c, n in loads:
-                tput = runs[f"c{c}_n{n}"]["output_throughput_tok_s"]
-                ratios[f"{name}/c{c}_n{n}"] = {"to_static_decode": tput / static[c] if tput else None,
+            for c, n, rate in loads:
+                tput = runs[load_name(c, n, rate)]["output_throughput_tok_s"]
+                ratios[f"{name}/{load_name(c, n, rate)}"] = {"to_static_decode": tput / static[c] if tput else None,
                                                "to_static_batch_with_prefill": tput / whole[c] if tput else None,
                                                "output_tok_s": tput}
     (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
