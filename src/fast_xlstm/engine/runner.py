@@ -145,14 +145,21 @@ def _packed_ids(pieces: list[list[int] | None]) -> list[int]:
     return [t for p in pieces for t in ((0,) if p is None else p)]
 
 
+def _token_span(layout: "PackedLayout") -> int:
+    """Entries a device-table prefill buffer gives the tokens: the layout's T rounded up to even, so
+    the int64 sections after it start 16-byte aligned (Triton specializes its kernels on pointer
+    alignment: an odd T would compile new variants of them mid-request)."""
+    return layout.num_tokens + layout.num_tokens % 2
+
+
 def _plan_buffer_values(layout: "PackedLayout", slots: list[int], pieces: list[list[int] | None]) -> list[int]:
-    """The int64 buffer of a device-table prefill: tokens [T] (zero-padded; 0 for a None piece, fed on
-    the device) | pool rows [N] | last positions [N] | kernel tables, where N and T are the layout's
-    (spare sequences repeat a real one)."""
+    """The int64 buffer of a device-table prefill: tokens [`_token_span`] (zero-padded; 0 for a None
+    piece, fed on the device) | pool rows [N] | last positions [N] | kernel tables, where N and T are
+    the layout's (spare sequences repeat a real one)."""
     tri = ops.triton_module()
     offsets = [0, *itertools.accumulate(1 if p is None else len(p) for p in pieces)]
     ids = _packed_ids(pieces)
-    return (ids + [0] * (layout.num_tokens - len(ids)) + tri.padded_rows(layout, offsets, slots)
+    return (ids + [0] * (_token_span(layout) - len(ids)) + tri.padded_rows(layout, offsets, slots)
             + tri.padded_rows(layout, offsets, [o - 1 for o in offsets[1:]]) + tri.plan_values(layout, offsets))
 
 
@@ -372,7 +379,7 @@ class ModelRunner:
         entry = self._planned.get((bucket, layout))
         if entry is None:
             entry = self._planned[(bucket, layout)] = _PlannedPrefill(
-                layout, torch.zeros(T + 2 * N + layout.size, dtype=torch.long, device=self.device),
+                layout, torch.zeros(_token_span(layout) + 2 * N + layout.size, dtype=torch.long, device=self.device),
                 decode_bucket=bucket,
                 dec_slots=torch.full((bucket,), -1, dtype=torch.int32, device=self.device) if bucket else None)
         if bucket and self.mixed_logits is None:
@@ -409,8 +416,9 @@ class ModelRunner:
         padding), a mixed step: those rows decode their slot's last sampled token in the same
         forward, and their logits come first ([D + max_seqs, V])."""
         T, N = layout.num_tokens, layout.max_seqs
-        plan = ops.triton_module().PackedPlan.from_buffer(layout, buf[T + 2 * N:])
-        rows, last = buf[T:T + N], buf[T + N:T + 2 * N]
+        Tp = _token_span(layout)
+        plan = ops.triton_module().PackedPlan.from_buffer(layout, buf[Tp + 2 * N:])
+        rows, last = buf[Tp:Tp + N], buf[Tp + N:Tp + 2 * N]
         if dec_slots is None:
             return self.model.prefill_slots(buf[:T][None], self.pool.layers, rows, plan, last)
         fed = self.last_token[torch.where(dec_slots >= 0, dec_slots, self.num_slots).long()]

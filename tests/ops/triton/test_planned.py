@@ -31,21 +31,24 @@ def _offsets(lengths: list[int]) -> list[int]:
 
 
 def test_plan_values_layout_and_padding():
-    layout = PackedLayout(max_seqs=4, num_tokens=64, chunk_size=16)
-    assert layout.L == 16 and layout.max_chunks == 64 // 16 + 4 and layout.size == 3 * 4 + 2 * 8
+    layout = PackedLayout(max_seqs=4, num_tokens=80, chunk_size=16)
+    # sections padded to multiples of 4 entries (16-byte aligned int32 slices): 4 + 4 + 4 + 12 + 12
+    assert layout.L == 16 and layout.max_chunks == 80 // 16 + 4 and layout.size == 3 * 4 + 2 * 12
     offs = _offsets([20, 5, 30])  # chunks: 2, 1, 2
     vals = plan_values(layout, offs)
+    assert len(vals) == layout.size
     S, M = 4, layout.max_chunks
     base, lens, coff = vals[:S], vals[S:2 * S], vals[2 * S:3 * S]
-    cseq, cj = vals[3 * S:3 * S + M], vals[3 * S + M:]
+    cseq, cj = vals[3 * S:3 * S + M], vals[3 * S + 12:3 * S + 12 + M]
+    assert vals[3 * S + M:3 * S + 12] == [0] * 3 and vals[3 * S + 12 + M:] == [0] * 3  # alignment padding
     assert base == [0, 20, 25, 20] and lens == [20, 5, 30, 5] and coff == [0, 2, 3, 2]  # pad repeats the shortest
     assert cseq[:5] == [0, 0, 1, 2, 2] and cj[:5] == [0, 1, 0, 0, 1]
     assert all(j * layout.L >= 30 for j in cj[5:])  # spare chunk entries: past every sequence
     assert padded_rows(layout, offs, [7, 3, 9]) == [7, 3, 9, 3]
     with pytest.raises(ValueError, match="at most 4 sequences"):
         plan_values(layout, _offsets([1] * 5))
-    with pytest.raises(ValueError, match="at most 64"):
-        plan_values(layout, _offsets([40, 40]))
+    with pytest.raises(ValueError, match="at most 80"):
+        plan_values(layout, _offsets([50, 40]))
     with pytest.raises(ValueError, match="rise strictly"):
         plan_values(layout, [0, 5, 5])
 
@@ -374,3 +377,47 @@ def test_prefill_feeds_decoding_slots_their_last_token(max_graph, order, device)
     _assert_untouched(mixed, [2], before)
     mixed_graphs = [key for key in mixed._planned if key[0]]
     assert mixed_graphs == ([(4, mixed.mixed_layout(3, [5, 19]))] if max_graph else [])
+
+
+@pytest.mark.parametrize("lengths", [[7], [3, 40, 1], [5, 6, 7, 8, 9, 10, 11], [33] * 3])
+def test_kernel_tables_and_pool_rows_are_16_byte_aligned(lengths, device):
+    """Triton specializes kernels on each pointer's 16-byte alignment: every table the kernels read
+    (host-planned packing, device-table plan, pool rows) starts aligned whatever the sequence count
+    and the (odd) token count, so a new packing never compiles new kernel variants."""
+    from fast_xlstm.engine.runner import _plan_buffer_values, _token_span
+    from fast_xlstm.ops.transfer import device_ints
+    from fast_xlstm.ops.triton._common import seq_tables
+
+    offsets = _offsets(lengths)
+    host_planned = seq_tables(1, 2, offsets[-1], 16, offsets, device)
+    layout = PackedLayout(len(lengths), offsets[-1], 16)  # T = the exact total, as the in-pool path plans
+    pieces = [[1] * n for n in lengths]
+    buf = device_ints(_plan_buffer_values(layout, list(range(len(lengths))), pieces), device)
+    Tp, N = _token_span(layout), len(lengths)
+    plan = PackedPlan.from_buffer(layout, buf[Tp + 2 * N:])
+    for tabs in (host_planned, plan.tables):
+        for t in (tabs.seq_base, tabs.seq_len, tabs.chunk_off, tabs.chunk_seq, tabs.chunk_j):
+            assert t.data_ptr() % 16 == 0
+    assert buf[Tp:].data_ptr() % 16 == 0  # the pool rows the kernels read and write
+    assert plan.tables.seq_len[:N].tolist() == lengths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compiled kernel variants (none in the interpreter)")
+def test_in_pool_prefills_of_new_packings_compile_nothing_new():
+    model = tiny_model(seed=3).to("cuda", torch.bfloat16)
+    runner = _runner(model, 0, prefill_in_pool=True, num_slots=40)
+    kernels = (chunkwise_fwd._fwd_states_kernel, chunkwise_fwd._fwd_out_kernel)
+
+    def variants() -> int:
+        return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+
+    def prefill(lengths):
+        slots = list(range(len(lengths)))
+        pieces = [random_ids((n,), model.config.vocab_size, seed=n).tolist() for n in lengths]
+        runner.prefill(slots, pieces, [True] * len(slots), [SamplingParams(temperature=0)] * len(slots))
+
+    prefill([300, 301])
+    first = variants()
+    for lengths in ([511] * 15, [512] * 32, [512] * 32 + [7], [1] * 9 + [500], [77, 3, 1000]):
+        prefill(lengths)
+    assert variants() == first

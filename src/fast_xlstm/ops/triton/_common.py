@@ -121,6 +121,33 @@ def seq_tables(B: int, NH: int, S: int, L: int, offsets: list[int] | None, devic
 _PACKED_TABLES: dict[tuple, SeqTables] = {}
 
 
+TABLE_ALIGN = 4  # entries: 16 bytes of int32
+
+
+def aligned(n: int) -> int:
+    """n rounded up to a multiple of TABLE_ALIGN."""
+    return -(-n // TABLE_ALIGN) * TABLE_ALIGN
+
+
+def aligned_sections(sections: list[list[int]]) -> list[int]:
+    """The sections end to end, each zero-padded to a multiple of TABLE_ALIGN entries.
+
+    Triton specializes a kernel on whether each pointer argument is 16-byte aligned. Table slices at
+    offsets that follow the sequence and chunk counts would flip that from one packing to the next,
+    and each new combination compiles new variants (about a second each, mid-request); slices that
+    start at multiples of 4 entries of an aligned buffer are always aligned."""
+    return [x for sec in sections for x in sec + [0] * (aligned(len(sec)) - len(sec))]
+
+
+def tables_from_aligned(N: int, NCT: int, packed: torch.Tensor, offsets: list[int] | None) -> SeqTables:
+    """SeqTables over a buffer laid out by `aligned_sections` (int64, aligned; sections seq_base,
+    seq_len, chunk_off [N], chunk_seq, chunk_j [NCT]); the int32 tables come from one conversion."""
+    a, c = aligned(N), aligned(NCT)
+    i32 = packed.to(torch.int32)
+    return SeqTables(N, NCT, packed[:N], i32[a:a + N], i32[2 * a:2 * a + N], i32[3 * a:3 * a + NCT],
+                     i32[3 * a + c:3 * a + c + NCT], offsets)
+
+
 def _packed_tables(offsets: list[int], L: int, device) -> SeqTables:
     N = len(offsets) - 1
     lens = [offsets[r + 1] - offsets[r] for r in range(N)]
@@ -132,10 +159,8 @@ def _packed_tables(offsets: list[int], L: int, device) -> SeqTables:
         cj += list(range(nc))
         acc += nc
     # One host-to-device copy for all the small tables.
-    packed = device_ints(offsets[:-1] + lens + offs + cs + cj, device)
-    i32 = packed.to(torch.int32)
-    return SeqTables(N, acc, packed[:N], i32[N:2 * N], i32[2 * N:3 * N], i32[3 * N:3 * N + acc],
-                     i32[3 * N + acc:], list(offsets))
+    packed = device_ints(aligned_sections([offsets[:-1], lens, offs, cs, cj]), device)
+    return tables_from_aligned(N, acc, packed, list(offsets))
 
 
 # ---- device-side helpers ----

@@ -21,7 +21,7 @@ import torch
 import triton
 
 from .._checks import MLSTMState
-from ._common import SeqTables, chunk_len
+from ._common import SeqTables, aligned, aligned_sections, chunk_len, tables_from_aligned
 from .chunkwise_fwd import inner_contiguous, mlstm_chunkwise_fwd
 
 _NOWHERE = 1 << 24  # a chunk index past any sequence (positions j * L + t >= seq_len: all masked)
@@ -45,8 +45,9 @@ class PackedLayout:
 
     @property
     def size(self) -> int:
-        """Length of the int64 table buffer: seq_base, seq_len, chunk_off [max_seqs], chunk_seq, chunk_j [max_chunks]."""
-        return 3 * self.max_seqs + 2 * self.max_chunks
+        """Length of the int64 table buffer: seq_base, seq_len, chunk_off [max_seqs], chunk_seq, chunk_j
+        [max_chunks], each section padded to a multiple of 4 entries (`_common.aligned_sections`)."""
+        return 3 * aligned(self.max_seqs) + 2 * aligned(self.max_chunks)
 
 
 def plan_values(layout: PackedLayout, offsets: list[int]) -> list[int]:
@@ -71,7 +72,7 @@ def plan_values(layout: PackedLayout, offsets: list[int]) -> list[int]:
     lens = lens + [lens[dup]] * pad
     chunk_off = chunk_off + [chunk_off[dup]] * pad
     free = M - len(chunk_seq)
-    return base + lens + chunk_off + chunk_seq + [0] * free + chunk_j + [_NOWHERE] * free
+    return aligned_sections([base, lens, chunk_off, chunk_seq + [0] * free, chunk_j + [_NOWHERE] * free])
 
 
 def padded_rows(layout: PackedLayout, offsets: list[int], rows: list[int]) -> list[int]:
@@ -93,12 +94,10 @@ class PackedPlan:
 
     @classmethod
     def from_buffer(cls, layout: PackedLayout, buf: torch.Tensor) -> "PackedPlan":
-        """buf: int64 [layout.size] on the device, filled with `plan_values`. The int32 views are made
-        by one kernel here, so when this runs inside a captured graph, replays see new values."""
-        S, M = layout.max_seqs, layout.max_chunks
-        i32 = buf.to(torch.int32)
-        tabs = SeqTables(S, M, buf[:S], i32[S:2 * S], i32[2 * S:3 * S], i32[3 * S:3 * S + M], i32[3 * S + M:], None)
-        return cls(tabs, layout.L)
+        """buf: int64 [layout.size] on the device (16-byte aligned), filled with `plan_values`. The int32
+        views are made by one kernel here, so when this runs inside a captured graph, replays see new
+        values."""
+        return cls(tables_from_aligned(layout.max_seqs, layout.max_chunks, buf, None), layout.L)
 
 
 def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
