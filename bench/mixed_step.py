@@ -16,14 +16,13 @@ kernel kind and its idle gaps with their causes (`train_mfu.profile_steps`).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from fast_xlstm.bench.report import save_json, script_result
 from fast_xlstm.config import get_preset
 from fast_xlstm.engine.runner import DecodeMode, ModelRunner
 from fast_xlstm.generation.params import SamplingParams
@@ -110,13 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[mixed_step] {dec}:{count}x{length}: mixed {row['mixed_ms']:.1f} ms (host launch "
               f"{row['mixed_host_launch_ms']:.1f}), split {row['split_ms']:.1f} ms", flush=True)
         rows.append(row)
-    result = {"benchmark": "mixed_step", "commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"),
-              "model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "torch": torch.__version__, "compiled_regions": not args.no_compile, "state": "float32",
-              "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    save_json(args.out, script_result("mixed_step", args.model, device, compiled_regions=not args.no_compile,
+                                      state="float32", rows=rows))
     return 0
 
 

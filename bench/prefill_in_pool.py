@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from fast_xlstm.bench.report import save_json, script_result
 from fast_xlstm.config import get_preset
 from fast_xlstm.engine.runner import ModelRunner
 from fast_xlstm.generation.params import SamplingParams
@@ -94,14 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             row["same_greedy_tokens"] = tokens["in_pool"] == tokens["grouped"]
             row["speedup_in_pool"] = row["grouped_ms"] / row["in_pool_ms"]
         rows.append(row)
-    result = {"benchmark": "prefill_in_pool", "commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"),
-              "model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "torch": torch.__version__, "weights": "bfloat16" if cuda else "float32", "state": "float32",
-              "prefill_state_bytes": runners["grouped"].prefill_state_bytes, "rows": rows}
     print(json.dumps(rows, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    save_json(args.out, script_result("prefill_in_pool", args.model, device, weights="bfloat16" if cuda else "float32",
+                                      state="float32", prefill_state_bytes=runners["grouped"].prefill_state_bytes,
+                                      rows=rows))
     return 0
 
 

@@ -89,3 +89,23 @@ def write(out_dir: Path, meta: dict, results: dict[str, dict]) -> list[Path]:
     (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     (out_dir / "bench.md").write_text(markdown(meta, results) + "\n")
     return [out_dir / "bench.json", out_dir / "bench.md", *plots(results, out_dir)]
+
+
+def script_result(benchmark: str, model: str, device: str, **fields: object) -> dict:
+    """The header every bench/ script's JSON starts with: what ran, at which commit ($FAST_XLSTM_COMMIT),
+    on which card and torch; then `fields`."""
+    import os
+
+    import torch
+
+    from .timing import device_name
+
+    return {"benchmark": benchmark, "commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"), "model": model,
+            "device": device_name(torch.device(device)), "torch": torch.__version__, **fields}
+
+
+def save_json(path: str | Path | None, result: dict) -> None:
+    """Writes `result` as indented JSON to `path` (parents made); nothing when path is None."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1) + "\n")
