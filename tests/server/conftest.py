@@ -38,7 +38,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m fast_xlstm serve ...` in a subprocess, its output in a log file."""
 
-    def __init__(self, log: Path, *args: str, api_key: str | None = None, slots: int = 256):
+    def __init__(self, log: Path, *args: str, api_key: str | None = None, slots: int = 256,
+                 env: dict[str, str] | None = None):
         self.api_key, self.slots = api_key, slots
         if api_key is not None:
             args = (*args, "--api-key", api_key)
@@ -48,7 +49,7 @@ class ServerProcess:
         self.log = log
         cmd = [sys.executable, "-m", "fast_xlstm", "serve", "--model", MODEL, "--device", "cpu",
                "--port", str(self.port), "--log-level", "warning", *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 120.0) -> None:

@@ -13,15 +13,14 @@ from fast_xlstm.server import async_engine
 from fast_xlstm.server.async_engine import AsyncEngine
 from fast_xlstm.server.stream import Delta, EngineDeadError, RequestStream, SubRequest
 
+from streamutil import streamed_deltas
 
-@pytest.fixture(params=[(False, False), (True, False), (True, True)],
-                ids=["sync", "async-scheduling", "async-mixed-steps"])
+
+@pytest.fixture(params=[False, True], ids=["sync", "async-scheduling"])
 def llm(request) -> LLM:
-    # (with mixed steps and async scheduling one step can report two tokens of a request: the
-    # in-flight step's and its own; the deltas must still add up)
-    async_scheduling, mixed_steps = request.param
-    return LLM("xlstm-tiny", device="cpu", max_num_seqs=2, async_scheduling=async_scheduling,
-               mixed_steps=mixed_steps)
+    # (mixed steps, where one step can report two tokens of a request, are tested the same way in
+    # tests/ops/triton/test_mixed_engine.py: they need the Triton kernels)
+    return LLM("xlstm-tiny", device="cpu", max_num_seqs=2, async_scheduling=request.param)
 
 
 def _run(coro):
@@ -30,28 +29,10 @@ def _run(coro):
 
 def test_deltas_add_up_to_the_offline_output(llm):
     prompts = [llm.tokenizer.encode(t) for t in ("Once upon a time", "The river", "A")]
-    # Different lengths: the third request's prefill comes while the first still decodes (a mixed
-    # step, with mixed steps on).
     params = [SamplingParams(temperature=0, max_tokens=n, logprobs=2) for n in (9, 4, 7)]
     expected = llm.generate(prompts, params, use_tqdm=False)
-    mixed_before = llm.engine.stats["mixed_steps"]
-
-    async def main():
-        front = AsyncEngine(llm.engine)
-        front.start()
-        stream = await front.submit([SubRequest(p, sp) for p, sp in zip(prompts, params)])  # 3 requests on 2 slots
-        texts, ids, lps = ["", "", ""], [[], [], []], [[], [], []]
-        async for d in stream:
-            texts[d.index] += d.text
-            ids[d.index] += d.token_ids
-            lps[d.index] += d.logprobs
-        state = front.engine_state()
-        await front.stop()
-        return texts, ids, lps, state
-
-    texts, ids, lps, state = _run(main())
+    texts, ids, lps, state = streamed_deltas(llm, prompts, params)  # 3 requests on 2 slots
     assert texts == [e.text for e in expected] and ids == [e.token_ids for e in expected]
-    assert (llm.engine.stats["mixed_steps"] > mixed_before) == llm.engine.mixed_steps
     assert lps == [pytest.approx(e.logprobs, abs=1e-5) for e in expected]
     assert state == {"running": 0, "waiting": 0, "free_slots": 2, "slots": 2, "tracked": 0}
 

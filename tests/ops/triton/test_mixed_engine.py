@@ -10,6 +10,8 @@ pytest.importorskip("triton")
 
 from fast_xlstm import LLM, SamplingParams, generate
 
+from streamutil import streamed_deltas
+
 PROMPTS = ["Once upon a time", "The river", "A", "hello there, how are you?", "x y z"]
 
 
@@ -31,3 +33,19 @@ def test_mixed_steps_equal_eager_generate(device, async_scheduling, params):
         assert o.token_ids == r.token_ids and o.finish_reason == r.finish_reason
         if params.logprobs is not None:
             assert o.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+
+
+def test_mixed_step_deltas_add_up_to_the_offline_output(device):
+    """With async scheduling a mixed step reports two tokens of a request (the step in flight's and
+    its own): the asyncio front's deltas must still add up to the offline output."""
+    llm = LLM("xlstm-tiny", device=device, dtype="float32", max_num_seqs=2, async_scheduling=True, mixed_steps=True)
+    prompts = [llm.tokenizer.encode(t) for t in ("Once upon a time", "The river", "A")]
+    # Different lengths: the third request's prefill comes while the first still decodes (a mixed step).
+    params = [SamplingParams(temperature=0, max_tokens=n, logprobs=2) for n in (9, 4, 7)]
+    expected = llm.generate(prompts, params, use_tqdm=False)
+    before = llm.engine.stats["mixed_steps"]
+    texts, ids, lps, state = streamed_deltas(llm, prompts, params)  # 3 requests on 2 slots
+    assert llm.engine.stats["mixed_steps"] > before
+    assert texts == [e.text for e in expected] and ids == [e.token_ids for e in expected]
+    assert lps == [pytest.approx(e.logprobs, abs=1e-5) for e in expected]
+    assert state == {"running": 0, "waiting": 0, "free_slots": 2, "slots": 2, "tracked": 0}
