@@ -255,8 +255,8 @@ class LLMEngine:
         pieces fed on the device. With async scheduling the previous step's tokens are read and
         reported while this forward runs; this step's are read at its end (nothing stays in flight)."""
         t0 = time.perf_counter()
-        self.stats["mixed_steps"] += 1
         decode = self._launchable(sched.decode) if self.async_scheduling else sched.decode
+        self.stats["mixed_steps"] += bool(decode)  # (none launchable: a plain prefill)
         chunks = sched.prefill
         pending = self.runner.prefill_launch(
             [r.slot for r in decode] + [c.request.slot for c in chunks],

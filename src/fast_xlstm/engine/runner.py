@@ -139,6 +139,11 @@ class StepResult:
                           part(self.top_ids))
 
 
+def _piece_lengths(pieces: list[list[int] | None]) -> list[int]:
+    """Tokens per piece; a None piece (a slot's last sampled token, fed on the device) is one."""
+    return [1 if p is None else len(p) for p in pieces]
+
+
 def _packed_ids(pieces: list[list[int] | None]) -> list[int]:
     """The pieces' token ids end to end; a None piece (a slot's last sampled token, fed on the device)
     holds a 0 in its place."""
@@ -157,7 +162,7 @@ def _plan_buffer_values(layout: "PackedLayout", slots: list[int], pieces: list[l
     piece, fed on the device) | pool rows [N] | last positions [N] | kernel tables, where N and T are
     the layout's (spare sequences repeat a real one)."""
     tri = ops.triton_module()
-    offsets = [0, *itertools.accumulate(1 if p is None else len(p) for p in pieces)]
+    offsets = [0, *itertools.accumulate(_piece_lengths(pieces))]
     ids = _packed_ids(pieces)
     return (ids + [0] * (_token_span(layout) - len(ids)) + tri.padded_rows(layout, offsets, slots)
             + tri.padded_rows(layout, offsets, [o - 1 for o in offsets[1:]]) + tri.plan_values(layout, offsets))
@@ -274,7 +279,7 @@ class ModelRunner:
     def prefill_launch(self, slots: list[int], pieces: list[list[int] | None], last: list[bool],
                        modes: list[SamplingParams]) -> "PendingDecode":
         """Queues `prefill`'s forward and sampling without waiting for either; `prefill_collect` waits."""
-        lengths = [1 if p is None else len(p) for p in pieces]
+        lengths = _piece_lengths(pieces)
         dec = [j for j, p in enumerate(pieces) if p is None]
         pre = [j for j, p in enumerate(pieces) if p is not None]
         mixed = self.mixed_layout(len(dec), [lengths[j] for j in pre])
@@ -316,12 +321,12 @@ class ModelRunner:
         tokens of a step still in flight."""
         feed = [j for j, p in enumerate(pieces) if p is None]
         if feed:
-            starts = list(itertools.accumulate((1 if p is None else len(p) for p in pieces), initial=0))
+            starts = list(itertools.accumulate(_piece_lengths(pieces), initial=0))
             src = self.last_token[device_ints([slots[j] for j in feed], self.device)]
             ids.index_copy_(0, device_ints([starts[j] for j in feed], self.device), src)
 
     def _prefill_group(self, slots: list[int], pieces: list[list[int] | None]) -> torch.Tensor:
-        lengths = torch.tensor([1 if p is None else len(p) for p in pieces])
+        lengths = torch.tensor(_piece_lengths(pieces))
         # Offsets stay on the host: kernels plan their chunk tables from them without a device sync.
         cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         ids = device_ints(_packed_ids(pieces), self.device)
@@ -337,7 +342,7 @@ class ModelRunner:
         134 MB per 7B sequence out and back, and splits large packs into several forwards).
         Returns logits [len(slots), V] at the pieces' last positions."""
         tri = ops.triton_module()
-        lengths = [1 if p is None else len(p) for p in pieces]
+        lengths = _piece_lengths(pieces)
         T, N = sum(lengths), len(pieces)
         cfg = self.model.config  # the chunk length the packed forward would take (128 for one long prompt)
         L = tri.inference_chunk_len(cfg.chunk_size, N, cfg.num_heads, max(lengths))

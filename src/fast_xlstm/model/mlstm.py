@@ -143,9 +143,13 @@ class MLSTMLayer(nn.Module):
     def step_slots(self, u: torch.Tensor, pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
         """One decode step on state-pool rows: u [B, d] -> y [B, d]; pool rows `slots` (-1 = skip)
         are updated in place, so the step can run inside a CUDA graph on static buffers."""
-        B = u.shape[0]
         q, k, v, o, i, f = self._project(u)
-        nh = self.num_heads
-        h = ops.mlstm_step_slots_(q.reshape(B, nh, -1), k.reshape(B, nh, -1), v.reshape(B, nh, -1), i, f,
-                                  *pool, slots, eps=self.eps)
-        return self._output(h, o)
+        return self._output(self.cell_slots(q, k, v, i, f, pool, slots), o)
+
+    def cell_slots(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                   pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
+        """The cell's decode step on state-pool rows: q, k [B, qk], v [B, v], i, f [B, NH] (views of
+        the projections are read in place) -> h [B, NH, DV]; pool rows `slots` (-1 = skip) updated."""
+        B, nh = q.shape[0], self.num_heads
+        return ops.mlstm_step_slots_(q.reshape(B, nh, -1), k.reshape(B, nh, -1), v.reshape(B, nh, -1), i, f,
+                                     *pool, slots, eps=self.eps)

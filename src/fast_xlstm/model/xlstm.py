@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..config import XLSTMConfig
 from ..ops import MLSTMState
 from .layers import FeedForward, RMSNorm, soft_cap
@@ -106,10 +105,7 @@ class MLSTMBlock(nn.Module):
         on the rest, each on its own pool rows, updated in place."""
         D = slots.shape[0]
         q, k, v, o, i, f = self.pre_cell(x)
-        nh = self.mlstm_layer.num_heads
-        h_dec = ops.mlstm_step_slots_(q[0, :D].unflatten(-1, (nh, -1)), k[0, :D].unflatten(-1, (nh, -1)),
-                                      v[0, :D].unflatten(-1, (nh, -1)), i[0, :D], f[0, :D], *pool, slots,
-                                      eps=self.mlstm_layer.eps)
+        h_dec = self.mlstm_layer.cell_slots(q[0, :D], k[0, :D], v[0, :D], i[0, :D], f[0, :D], pool, slots)
         h_pre, _ = self.mlstm_layer.cell(q[:, D:], k[:, D:], v[:, D:], i[:, D:], f[:, D:], pool, None, plan=plan,
                                          state_rows=rows, final_to_pool=True)
         return self.post_cell(x, torch.cat([h_dec[None], h_pre], dim=1), o)
