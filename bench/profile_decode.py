@@ -4,9 +4,11 @@ For each batch size: the runner's CUDA-graph decode step is timed (median of rep
 steps are profiled with torch.profiler, and the kernels (graph replays included) are summed per
 name and per kind (GEMM, mLSTM step, other) as microseconds per step, next to the bytes the step
 must move (weights + state read and write) and the GB/s that implies. With `--prefill N`, the
-same for the runner's graph prefill of one N-token prompt (the prefix-cache hit path).
+same for the runner's graph prefill of one N-token prompt (the prefix-cache hit path). With
+`--forward BxS`, the same for a model forward over B sequences of S tokens (the benchmark's prefill:
+compiled block regions, head at the last positions), with the GEMMs' achieved TFLOP/s.
 
-    python bench/profile_decode.py [--batches 1 64] [--prefill 64] [--out FILE.json]
+    python bench/profile_decode.py [--batches 1 64] [--prefill 64] [--forward 4x16384] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ def kind_of(name: str) -> str:
         return "gemm"
     if "step_kernel" in n or "step_slots" in n or "mlstm_step" in n:
         return "mlstm_step"
-    if "chunk" in n or "mlstm" in n:
+    if "chunk" in n or "mlstm" in n or "_fwd_states" in n or "_fwd_out" in n:
         return "mlstm_chunkwise"
     if "memcpy" in n or "memset" in n:
         return "copy"
+    if n.startswith("triton_"):
+        return "compiled_glue"
     return "other"
 
 
@@ -87,6 +91,7 @@ def main() -> None:
     ap.add_argument("--preset", default="xlstm-7b")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 64])
     ap.add_argument("--prefill", type=int, nargs="*", default=[64])
+    ap.add_argument("--forward", nargs="*", default=[], help="BxS model forwards to profile, e.g. 4x16384")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the decode step")
     ap.add_argument("--out", default=None)
@@ -99,7 +104,7 @@ def main() -> None:
     sbytes = cfg.state_numel_per_sequence() * 4
     compiled = not args.no_compile
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "compiled": compiled,
-                    "decode": [], "prefill": []}
+                    "decode": [], "prefill": [], "forward": []}
     mode = DecodeMode.of([GREEDY])
     runner = ModelRunner(model, num_slots=max(args.batches), compile_decode=compiled, compile_prefill=compiled,
                          compile_mode=args.compile_mode)
@@ -138,6 +143,27 @@ def main() -> None:
         row = {"tokens": n, "ms": ms, **kernel_table(prof, 5)}
         report["prefill"].append(row)
         print_kernels(f"prefill {n} tokens: {ms:.2f} ms wall", row)
+    # Projection FLOPs per token: every block weight but the norms (the head runs at last positions only).
+    block_params = sum(p.numel() for blk in model.backbone.blocks for p in blk.parameters() if p.dim() == 2)
+    for spec in args.forward:
+        b, _, s = spec.partition("x")
+        ids = torch.randint(1, cfg.vocab_size, (int(b), int(s)), device="cuda")
+
+        def fwd(ids: torch.Tensor = ids) -> None:
+            with torch.inference_mode():
+                model(ids, last_logits_only=True)
+
+        ms = replay_ms(fwd, 3)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fwd()
+            torch.cuda.synchronize()
+        row = {"forward": spec, "tokens": ids.numel(), "ms": ms, "tok_s": ids.numel() / ms * 1e3,
+               **kernel_table(prof, 1)}
+        gemm_us = row["by_kind_us"].get("gemm", 0.0)
+        row["gemm_tflop_s"] = 2 * block_params * ids.numel() / (gemm_us * 1e-6) / 1e12 if gemm_us else None
+        report["forward"].append(row)
+        print_kernels(f"forward {spec}: {ms:.1f} ms wall ({row['tok_s']:,.0f} tok/s), GEMMs at "
+                      f"{row['gemm_tflop_s'] or 0:.0f} TFLOP/s", row)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
