@@ -27,14 +27,15 @@ def _linear_fp32(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     x [..., d] -> [..., out]. Compiled for decode or a short prefill (at most
     `GATE_REDUCTION_MAX_ROWS` rows, a few output rows), it is written as a product and a sum:
     inductor fuses the upcast, products, sum and the caller's soft cap into one reduction kernel,
-    where an fp32 GEMM call costs three (upcast copy, SIMT GEMM, split-K reduce) per layer. Each
-    output row re-reads x, so long prefills keep the GEMM. With dynamic shapes the row test becomes
-    a guard: one compiled variant each side of it.
+    where an fp32 GEMM call costs three (upcast copy, SIMT GEMM, split-K reduce) per layer. With
+    dynamic shapes the row test becomes a guard: one compiled variant each side of it. Longer
+    inputs go to `ops.gate_projection`, one kernel that reads x once in its own dtype where the
+    Triton kernels run (the fp32 GEMM elsewhere).
     """
     if (torch.compiler.is_compiling() and lin.out_features <= 64
             and math.prod(x.shape[:-1]) <= GATE_REDUCTION_MAX_ROWS):
         return (x.float()[..., None, :] * lin.weight.float()).sum(-1) + lin.bias.float()
-    return nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    return ops.gate_projection(x, lin.weight, lin.bias)
 
 
 class MLSTMLayer(nn.Module):

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # importing triton is slow and optional
 __all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "mlstm_quadratic",
            "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
            "available_backends", "mlstm_step_slots_", "mlstm_step_slots_torch_", "mlstm_chunkwise_planned",
-           "planned_prefill_supported", "triton_module"]
+           "planned_prefill_supported", "triton_module", "gate_projection"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,18 @@ def mlstm_step_slots_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torc
     """
     impl = resolve_backend(q, backend).step_slots or mlstm_step_slots_torch_
     return impl(q, k, v, i, f, C, n, m, slots, eps=eps)
+
+
+def gate_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The fp32 gate projection x [..., K] -> [..., N] = x.float() @ weight.float().T + bias.float().
+
+    Where the Triton kernels run and no gradient is needed, one kernel reads x in its own dtype
+    (`triton.gate_projection`); elsewhere (CPU, training) it is the fp32 linear.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
+    if not needs_grad and resolve_backend(x).name == "triton":
+        return _triton().gate_projection_triton(x, weight, bias)
+    return torch.nn.functional.linear(x.float(), weight.float(), bias.float())
 
 
 def triton_module():

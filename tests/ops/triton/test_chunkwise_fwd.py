@@ -35,6 +35,8 @@ def test_forward_matches_recurrent(S, chunk, DK, DV, dtype, with_state, device, 
     h, st = mlstm_chunkwise_triton(*x, s0, chunk_size=chunk)
     h_ref, st_ref = _oracle(x, s0)
     assert h.dtype == dtype and h.shape == (B, NH, S, DV)
+    # Inference writes h token-major, so the layer's output norm reads [B, S, NH * DV] rows in place.
+    assert h.transpose(1, 2).is_contiguous()
     assert all(t.dtype == torch.float32 for t in st)
     eh, es = rel_err(h.cpu(), h_ref), state_err([t.cpu() for t in st], st_ref)
     assert eh < TOL[dtype], f"h error {eh:.2e}"

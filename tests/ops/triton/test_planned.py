@@ -68,6 +68,7 @@ def test_planned_forward_matches_recurrent(lengths, max_seqs, tokens, dtype, dev
     buf = torch.tensor(plan_values(layout, offs), dtype=torch.long, device=device)
     h, st = mlstm_chunkwise_planned(q, k, v, i, f, s0, PackedPlan.from_buffer(layout, buf))
     assert h.shape == v.shape and st[0].shape == (max_seqs, NH, DK, DV) and st[2].shape == (max_seqs, NH, 1)
+    assert h.transpose(1, 2).is_contiguous()  # token-major, as the layer's output norm reads it
     for r, pool_row in enumerate(rows):
         src = min(r, N - 1) if r < N else pool_row
         a, e = offs[src], offs[src + 1]

@@ -106,8 +106,9 @@ def _empty_states(q: Tensor, NH: int, DK: int, DV: int) -> tuple[Tensor, Tensor,
 
 def _chunkwise_fwd(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Optional[Tensor],
                    n0: Optional[Tensor], m0: Optional[Tensor], cu_seqlens: Optional[Tensor], chunk_size: int,
-                   eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The forward itself (the custom op's body)."""
+                   eps: float, token_major: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward itself (the custom op's body, whose outputs are contiguous as its fake says; the
+    direct inference call asks for token-major h: see `run_out`)."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     N = _num_seqs(q, cu_seqlens)
@@ -120,7 +121,7 @@ def _chunkwise_fwd(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Op
                 q.new_empty(B, NH, 0, dtype=torch.float32))
     q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, contiguous=False,
                                             inference=True)
-    h, (Cf, nf, mf), dsum = mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs, L, eps)
+    h, (Cf, nf, mf), dsum = mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs, L, eps, token_major=token_major)
     return h, Cf, nf, mf.unsqueeze(-1), dsum
 
 
@@ -212,7 +213,8 @@ def mlstm_chunkwise_triton(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor
     chunk_size is rounded to a power of two in [16, 128] (a speed knob; results agree to rounding);
     inference on a single sequence's heads of 4,096+ tokens takes 128-token chunks for a chunk_size of 64
     or more (faster there; see FEW_SEQ_HEADS).
-    Returns h [B, NH, S, DV] in q's dtype and the final state in initial_state's dtype (fp32 if None).
+    Returns h [B, NH, S, DV] in q's dtype and the final state in initial_state's dtype (fp32 if None);
+    outside autograd and torch.compile, h is token-major (h.transpose(1, 2) contiguous: see `run_out`).
     Differentiable in q, k, v, i, f and the initial state. recompute_states: the backward rebuilds the
     chunk-start states instead of keeping them from the forward (less memory, a slower backward); None
     reads FAST_XLSTM_RECOMPUTE_STATES (default: keep).
@@ -238,6 +240,6 @@ def mlstm_chunkwise_triton(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor
         h, Cf, nf, mf = chunkwise_fwd_op(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps,
                                          not recompute_states)[:4]
     else:
-        h, Cf, nf, mf, _ = _chunkwise_fwd(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps)
+        h, Cf, nf, mf, _ = _chunkwise_fwd(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps, token_major=True)
     out_dtype = torch.float32 if initial_state is None else initial_state[0].dtype
     return h, (Cf.to(out_dtype), nf.to(out_dtype), mf.to(out_dtype))

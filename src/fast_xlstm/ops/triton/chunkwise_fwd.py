@@ -139,10 +139,10 @@ def _fwd_states_kernel(K, V, I, F, C0, N0, M0, STATE_ROWS, CB, NB, MB, CF, NF, M
     tl.store(MF + rh64, m, mask=first_kv)
 
 
-@triton.jit(do_not_specialize=["S", "sib", "sih", "sfb", "sfh"])  # one compiled variant for every length
+@triton.jit(do_not_specialize=["S", "sib", "sih", "sfb", "sfh", "shb", "shh"])  # one variant for every length
 def _fwd_out_kernel(Q, K, V, I, F, CB, NB, MB, BROW, MROW, H, DSUM,
                     SEQ_BASE, SEQ_LEN, CHUNK_SEQ, CHUNK_J, NH, S, n_vt, scale, eps,
-                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sib, sih, sis, sfb, sfh, sfs,
+                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sib, sih, sis, sfb, sfh, sfs, shb, shh, shs,
                     CF, NF, MF, PC, PN, PM, POOL_ROWS,
                     DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     IN_DT: tl.constexpr, DOT_DT: tl.constexpr, IP: tl.constexpr, ROWS_FROM_GATES: tl.constexpr,
@@ -160,8 +160,9 @@ def _fwd_out_kernel(Q, K, V, I, F, CB, NB, MB, BROW, MROW, H, DSUM,
     ROWS_FROM_GATES the within-chunk log-decay b and stabilizer m come from F and the chunk-start m
     (the same arithmetic as the states kernel's), else from BROW/MROW; with ROWS_FROM_GATES and STORE_ROWS
     the derived rows are written to BROW/MROW [B, NH, S] fp32 (kept for the backward). Writes H [B, NH, S, DV] (its
-    dtype) and DSUM [B, NH, S] fp32 (the signed normalizer sum before max/abs, kept for the backward),
-    contiguous.
+    dtype) with strides (shb, shh, shs, 1): contiguous, or token-major (the [B, NH, S, DV] view of a
+    [B, S, NH, DV] tensor, which the layer's output norm reads as rows of NH * DV), and DSUM [B, NH, S] fp32
+    (the signed normalizer sum before max/abs, kept for the backward), contiguous.
     """
     pid = tl.program_id(0)
     vt = pid % n_vt
@@ -222,7 +223,8 @@ def _fwd_out_kernel(Q, K, V, I, F, CB, NB, MB, BROW, MROW, H, DSUM,
                                                       input_precision=IP)
     den = tl.maximum(tl.abs(dsum), tl.exp(-mq)) + eps
     out = acc_h / den[:, None]
-    tl.store(H + rows[:, None] * DV + dv[None, :], rtne(out, H.dtype.element_ty), mask=valid[:, None] & mv[None, :])
+    h_ptr = H + bq * shb + h64 * shh + tok[:, None].to(tl.int64) * shs + dv[None, :]
+    tl.store(h_ptr, rtne(out, H.dtype.element_ty), mask=valid[:, None] & mv[None, :])
     tl.store(DSUM + rows, dsum, mask=valid & (vt == 0))
 
     if WRITE_POOL:
@@ -351,19 +353,25 @@ def run_states(k, v, i, f, init, tabs: SeqTables, L: int, state_dtype: torch.dty
 
 def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: float, zero_fill: bool = True,
             f: torch.Tensor | None = None, rows_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-            final_to_pool=None):
+            final_to_pool=None, token_major: bool = False):
     """Runs kernel 2 (q, k, v with contiguous last dims, i and f any strides). BROW and MROW None: the
     kernel derives them from the forget gates `f`, and writes them into `rows_out` (two fp32 [B, NH, S]
     buffers) when given. final_to_pool: ((CF, NF, MF) fp32 final states [N, ...], (C, n, m) a contiguous
     state pool, rows int64 [N]): the kernel also copies each sequence's final state into pool row
     rows[r] (see `_fwd_out_kernel`).
 
-    Returns h [B, NH, S, DV] in q's dtype and dsum [B, NH, S] fp32, both contiguous (zero_fill=False:
-    dsum unset outside the sequences, as h always is).
+    Returns h [B, NH, S, DV] in q's dtype, contiguous, or with token_major the [B, NH, S, DV] view of a
+    contiguous [B, S, NH, DV] tensor (so h.transpose(1, 2) is contiguous: the layer's per-head norm and
+    output gate then read and write plain rows, where the [B, NH, S, DV] layout made them gather),
+    and dsum [B, NH, S] fp32, contiguous (zero_fill=False: dsum unset outside the sequences, as h
+    always is).
     """
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
-    h = torch.empty(B, NH, S, DV, device=q.device, dtype=q.dtype)
+    if token_major:
+        h = torch.empty(B, S, NH, DV, device=q.device, dtype=q.dtype).transpose(1, 2)
+    else:
+        h = torch.empty(B, NH, S, DV, device=q.device, dtype=q.dtype)
     dsum = (torch.zeros if zero_fill else torch.empty)(B, NH, S, device=q.device, dtype=torch.float32)
     if tabs.NCT == 0:
         return h, dsum
@@ -373,7 +381,7 @@ def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: fl
         raise ValueError("run_out needs the forget gates f when BROW/MROW are not given")
     if not from_gates:
         f = i  # a placeholder, never read
-    strides = (*seq_strides(q), *seq_strides(k), *seq_strides(v), *seq_strides(i), *seq_strides(f))
+    strides = (*seq_strides(q), *seq_strides(k), *seq_strides(v), *seq_strides(i), *seq_strides(f), *seq_strides(h))
     store_rows = from_gates and rows_out is not None
     if store_rows:
         brow, mrow = rows_out
@@ -412,12 +420,14 @@ def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float,
-                        state_rows: torch.Tensor | None = None, zero_fill: bool = True, final_to_pool: bool = False):
+                        state_rows: torch.Tensor | None = None, zero_fill: bool = True, final_to_pool: bool = False,
+                        token_major: bool = False):
     """Forward on q, k, v [B, NH, S, D*] with contiguous last dims and gates [B, NH, S] (any strides);
     init and state_rows: see `run_states`; zero_fill=False leaves dsum unset outside the sequences
     (inference: a fill kernel less, which a short prefill's graph would replay per layer);
     final_to_pool (with state_rows): each sequence's final state is also written into the pool row it
-    started from. Returns h [B, NH, S, DV] (contiguous), (CF, NF, MF [N, NH]) fp32 and dsum [B, NH, S] fp32."""
+    started from; token_major: h in the layout `run_out` describes. Returns h [B, NH, S, DV] (contiguous
+    unless token_major), (CF, NF, MF [N, NH]) fp32 and dsum [B, NH, S] fp32."""
     CB, NB, MB, final, _, _ = run_states(k, v, i, f, init, tabs, L, chunk_state_dtype(q.dtype), state_rows,
                                          rows=False)
     to_pool = None
@@ -425,7 +435,8 @@ def mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs: SeqTables, L: int, eps: float
         if state_rows is None:
             raise ValueError("final_to_pool needs state_rows (the pool rows to write)")
         to_pool = (final, tuple(init), state_rows)
-    h, dsum = run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, eps, zero_fill, f=f, final_to_pool=to_pool)
+    h, dsum = run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, eps, zero_fill, f=f, final_to_pool=to_pool,
+                      token_major=token_major)
     return h, final, dsum
 
 

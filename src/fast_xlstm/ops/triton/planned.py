@@ -115,12 +115,12 @@ def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     `final_to_pool`, which writes each real sequence's final state back into its row (by the output
     kernel, after every initial state was read; padding sequences write nothing) and returns None for
     the final state. Positions outside the plan's sequences get unspecified h. Returns h [1, NH, T, DV]
-    in q's dtype (contiguous) and the final state [N, ...] (fp32) or None.
+    in q's dtype (token-major: h.transpose(1, 2) is contiguous) and the final state [N, ...] (fp32) or None.
     """
     dt = q.dtype
     q, k, v = (inner_contiguous(x.to(dt)) for x in (q, k, v))
     init = tuple(initial_state)
     # Inference only: the positions outside the plan's sequences (a bucket's tail) are never read.
     h, (Cf, nf, mf), _ = mlstm_chunkwise_fwd(q, k, v, i, f, init, plan.tables, plan.L, eps, state_rows=state_rows,
-                                             zero_fill=False, final_to_pool=final_to_pool)
+                                             zero_fill=False, final_to_pool=final_to_pool, token_major=True)
     return h, (None if final_to_pool else (Cf, nf, mf.unsqueeze(-1)))
