@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # importing triton is slow and optional
 __all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "mlstm_quadratic",
            "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
            "available_backends", "mlstm_step_slots_", "mlstm_step_slots_torch_", "mlstm_chunkwise_planned",
-           "planned_prefill_supported", "triton_module", "gate_projection"]
+           "planned_prefill_supported", "triton_module", "gate_projection", "head_norm_gate",
+           "head_norm_gate_supported"]
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,30 @@ def mlstm_step_slots_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torc
 def gate_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The fp32 gate projection x [..., K] -> [..., N] = x.float() @ weight.float().T + bias.float().
 
-    Where the Triton kernels run and no gradient is needed, one kernel reads x in its own dtype
-    (`triton.gate_projection`); elsewhere (CPU, training) it is the fp32 linear.
+    For bf16 x where the Triton kernels run and no gradient is needed, one kernel reads x once
+    (`triton.gate_projection`); elsewhere (CPU, other dtypes, training) it is the fp32 linear.
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
-    if not needs_grad and resolve_backend(x).name == "triton":
+    if not needs_grad and x.dtype == torch.bfloat16 and resolve_backend(x).name == "triton":
         return _triton().gate_projection_triton(x, weight, bias)
     return torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+
+
+def head_norm_gate_supported(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `head_norm_gate` has its one-pass kernel for these tensors: 16-bit h, o and weight of one
+    dtype where the Triton kernels run, with no gradient needed (the caller keeps its torch code else)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, o, weight))
+    return (not needs_grad and h.dtype in (torch.bfloat16, torch.float16) and h.dtype == o.dtype == weight.dtype
+            and resolve_backend(h).name == "triton")
+
+
+def head_norm_gate(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """sigmoid(o) * MultiHeadLayerNorm(h) in one pass (see `triton.norm_gate`): h [..., NH, DH],
+    o [..., NH * DH], weight [NH * DH] -> [..., NH * DH]. Needs `head_norm_gate_supported`."""
+    mod = _triton()
+    if mod is None:
+        raise RuntimeError("head_norm_gate needs the Triton kernels, which are unavailable")
+    return mod.head_norm_gate_triton(h, o, weight, eps)
 
 
 def triton_module():
