@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from ._common import INTERPRET, rtne
 
@@ -23,8 +24,11 @@ from ._common import INTERPRET, rtne
 # M (the row count) changes with every prefill: not specialized, so one compiled variant serves all.
 @triton.jit(do_not_specialize=["M"])
 def _gate_projection_kernel(X, W, BIAS, Y, M, K, sxm, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
-                            BK: tl.constexpr, DOT_DT: tl.constexpr, IP: tl.constexpr):
-    """Y [M, N] fp32 = X [M, K] (bf16, row stride sxm) @ W [N, K].T (fp32, contiguous) + BIAS [N]."""
+                            BK: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Y [M, N] fp32 = X [M, K] (bf16, row stride sxm) @ W [N, K].T (fp32, contiguous) + BIAS [N].
+
+    FP32_DOT: the bf16 values enter the products as fp32 (exact "ieee" products): for the CPU
+    interpreter, which multiplies 16-bit operands wrongly."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     mr = rows < M
     cols = tl.arange(0, NP)
@@ -34,29 +38,37 @@ def _gate_projection_kernel(X, W, BIAS, Y, M, K, sxm, N: tl.constexpr, NP: tl.co
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         mk = ks < K
-        x = tl.load(x_ptr + ks[None, :], mask=mr[:, None] & mk[None, :], other=0.0).to(DOT_DT)
+        x = tl.load(x_ptr + ks[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
         w = tl.load(W + cols[None, :] * K + ks[:, None], mask=mk[:, None] & mc[None, :], other=0.0)
         w_hi = rtne(w, tl.bfloat16).to(tl.float32)
         rest = w - w_hi  # exact in fp32, as is the next remainder
         w_mid = rtne(rest, tl.bfloat16).to(tl.float32)
-        w_lo = rtne(rest - w_mid, tl.bfloat16)
-        acc = tl.dot(x, w_lo.to(DOT_DT), acc, input_precision=IP)  # smallest parts first
-        acc = tl.dot(x, w_mid.to(DOT_DT), acc, input_precision=IP)
-        acc = tl.dot(x, w_hi.to(DOT_DT), acc, input_precision=IP)
+        w_lo = rtne(rest - w_mid, tl.bfloat16).to(tl.float32)
+        if FP32_DOT:
+            xf = x.to(tl.float32)
+            acc = tl.dot(xf, w_lo, acc, input_precision="ieee")  # smallest parts first
+            acc = tl.dot(xf, w_mid, acc, input_precision="ieee")
+            acc = tl.dot(xf, w_hi, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w_lo.to(tl.bfloat16), acc)
+            acc = tl.dot(x, w_mid.to(tl.bfloat16), acc)
+            acc = tl.dot(x, w_hi.to(tl.bfloat16), acc)
     acc += tl.load(BIAS + cols, mask=mc, other=0.0)[None, :]
     tl.store(Y + rows[:, None] * N + cols[None, :], acc, mask=mr[:, None] & mc[None, :])
 
 
-# Rows per program: small prefills take short tiles so that enough programs stream the input.
-_SHORT_TILE_BELOW = 16384
+# Rows per program. One value for every row count: a choice by row count would be a shape guard, and
+# so a recompile, inside the compiled regions that call this op.
+_ROWS_PER_PROGRAM = 32
 
 
-@torch.library.custom_op("fast_xlstm::gate_projection", mutates_args=())
+@triton_op("fast_xlstm::gate_projection", mutates_args=())
 def gate_projection_triton(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """x [..., K] bf16 -> fp32 [..., N] = x.float() @ weight.float().T + bias.float().
 
     weight [N, K] and bias [N] are used in fp32 (the loader keeps the gate weights fp32). No autograd:
-    the model calls this for inference only.
+    the model calls this for inference only. A `triton_op`: inside torch.compile the kernel launches
+    from inductor's generated code, not through Triton's Python launcher (~0.15 ms of host time a call).
     """
     K = x.shape[-1]
     N = weight.shape[0]
@@ -71,17 +83,9 @@ def gate_projection_triton(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     M = x2.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=torch.float32)
     if M:
-        w = weight.float().contiguous()
-        b = bias.float().contiguous()
-        bm = 16 if M < _SHORT_TILE_BELOW else 64
-        # The CPU interpreter multiplies 16-bit operands wrongly: there the bf16 values go in as fp32.
-        dot_dt, ip = (tl.float32, "ieee") if INTERPRET else (tl.bfloat16, "tf32")
-        _gate_projection_kernel[(triton.cdiv(M, bm),)](x2, w, b, y, M, K, x2.stride(0), N=N,
-                                                     NP=max(16, triton.next_power_of_2(N)), BM=bm, BK=128,
-                                                     DOT_DT=dot_dt, IP=ip, num_warps=4)
+        bm = _ROWS_PER_PROGRAM
+        kernel = _gate_projection_kernel if INTERPRET else wrap_triton(_gate_projection_kernel)
+        kernel[(triton.cdiv(M, bm),)](x2, weight.float().contiguous(), bias.float().contiguous(), y, M, K,
+                                      x2.stride(0), N=N, NP=max(16, triton.next_power_of_2(N)), BM=bm, BK=128,
+                                      FP32_DOT=INTERPRET, num_warps=4)
     return y.reshape(*x.shape[:-1], N)
-
-
-@gate_projection_triton.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)

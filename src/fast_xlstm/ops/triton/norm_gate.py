@@ -13,15 +13,16 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
-from ._common import rtne, tl_dtype
+from ._common import INTERPRET, rtne
 
 
 # Row counts and row strides change with every prefill: not specialized, so one variant serves all.
 @triton.jit(do_not_specialize=["M", "shm", "som"])
 def _head_norm_gate_kernel(H, O, W, Y, M, shm, shh, som, eps, NH, DH: tl.constexpr, DP: tl.constexpr,
-                           BM: tl.constexpr, OUT_DT: tl.constexpr):
-    """Y [M, NH * DH] = sigmoid(O) * weight * LayerNorm(H) per head (no bias, fp32 statistics).
+                           BM: tl.constexpr):
+    """Y [M, NH * DH] = sigmoid(O) * weight * LayerNorm(H) per head (no bias, fp32 statistics), in Y's dtype.
 
     H [M, NH, DH] with strides (shm, shh, 1); O [M, NH * DH] with row stride som; W [NH * DH]; Y contiguous.
     """
@@ -34,22 +35,23 @@ def _head_norm_gate_kernel(H, O, W, Y, M, shm, shh, som, eps, NH, DH: tl.constex
     mean = tl.sum(h, 1) / DH
     d = tl.where(mask, h - mean[:, None], 0.0)
     var = tl.sum(d * d, 1) / DH
-    y = rtne(d * tl.rsqrt(var + eps)[:, None], OUT_DT).to(tl.float32)
+    y = rtne(d * tl.rsqrt(var + eps)[:, None], Y.dtype.element_ty).to(tl.float32)
     w = tl.load(W + head * DH + cols, mask=cols < DH, other=0.0).to(tl.float32)
-    y = rtne(y * w[None, :], OUT_DT).to(tl.float32)
+    y = rtne(y * w[None, :], Y.dtype.element_ty).to(tl.float32)
     o = tl.load(O + r64 * som + head * DH + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = rtne(tl.sigmoid(o), OUT_DT).to(tl.float32)
-    tl.store(Y + r64 * (NH * DH) + head * DH + cols[None, :], rtne(g * y, OUT_DT), mask=mask)
+    g = rtne(tl.sigmoid(o), Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + r64 * (NH * DH) + head * DH + cols[None, :], rtne(g * y, Y.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("fast_xlstm::head_norm_gate", mutates_args=())
+@triton_op("fast_xlstm::head_norm_gate", mutates_args=())
 def head_norm_gate_triton(h: Tensor, o: Tensor, weight: Tensor, eps: float) -> Tensor:
     """h [..., NH, DH] cell output, o [..., NH * DH] output-gate pre-activation, weight [NH * DH], all of
     one 16-bit dtype -> [..., NH * DH] = sigmoid(o) * MultiHeadLayerNorm(h) (fp32 statistics). Views with
-    a contiguous last dim are read in place. No autograd: the model calls this for inference only."""
+    a contiguous last dim are read in place. No autograd: the model calls this for inference only. A
+    `triton_op`: inside torch.compile the kernel launches from inductor's generated code."""
     *lead, NH, DH = h.shape
     width = NH * DH
-    if o.shape != (*lead, width) or weight.shape != (width,):
+    if tuple(o.shape) != (*lead, width) or tuple(weight.shape) != (width,):
         raise ValueError(f"head norm gate: o {tuple(o.shape)} and weight {tuple(weight.shape)} do not fit h "
                          f"{tuple(h.shape)}")
     if not (h.dtype == o.dtype == weight.dtype) or h.dtype not in (torch.bfloat16, torch.float16):
@@ -63,13 +65,8 @@ def head_norm_gate_triton(h: Tensor, o: Tensor, weight: Tensor, eps: float) -> T
     y = torch.empty(M, width, device=h.device, dtype=h.dtype)
     if M:
         bm = 16
-        _head_norm_gate_kernel[(triton.cdiv(M, bm), NH)](h3, o2, weight.contiguous(), y, M, h3.stride(0),
-                                                         h3.stride(1), o2.stride(0), eps, NH, DH=DH,
-                                                         DP=max(16, triton.next_power_of_2(DH)), BM=bm,
-                                                         OUT_DT=tl_dtype(h.dtype), num_warps=8)
+        kernel = _head_norm_gate_kernel if INTERPRET else wrap_triton(_head_norm_gate_kernel)
+        kernel[(triton.cdiv(M, bm), NH)](h3, o2, weight.contiguous(), y, M, h3.stride(0), h3.stride(1),
+                                         o2.stride(0), eps, NH, DH=DH, DP=max(16, triton.next_power_of_2(DH)),
+                                         BM=bm, num_warps=8)
     return y.reshape(*lead, width)
-
-
-@head_norm_gate_triton.register_fake
-def _(h, o, weight, eps):
-    return h.new_empty(*h.shape[:-2], h.shape[-2] * h.shape[-1])
