@@ -48,8 +48,10 @@ def test_cuda_bf16_load_and_generate(tmp_path, monkeypatch):
 @torch.no_grad()
 def test_compiled_bf16_prefill_regions_run_the_fused_glue_and_match_torch(monkeypatch):
     """The bf16 prefill's compiled block regions call the gate-projection and output norm-gate
-    triton_ops (launched from inductor's code) and give the eager forward's logits; the torch
-    backend (no fused ops, the modules' own code) agrees to bf16 tolerance."""
+    triton_ops (launched from inductor's code). Eager, the fused ops agree with the torch backend's
+    module code; compiled, the logits agree with an fp32 torch model. (Compiled and eager bf16 differ
+    by ~7% of the largest logit whichever backend runs: inductor keeps fused glue in fp32 where eager
+    rounds each op to bf16. On an H100: eager ops vs torch 1.5%, compiled vs fp32 1.8%.)"""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -60,6 +62,7 @@ def test_compiled_bf16_prefill_regions_run_the_fused_glue_and_match_torch(monkey
     eager, _ = model(ids)
     monkeypatch.setenv("FAST_XLSTM_BACKEND", "torch")
     plain, _ = model(ids)
+    oracle, _ = tiny_model(seed=6).cuda().fuse_projections()(ids)
     monkeypatch.delenv("FAST_XLSTM_BACKEND")
     compile_prefill_regions(model)
     model(ids)
@@ -68,7 +71,6 @@ def test_compiled_bf16_prefill_regions_run_the_fused_glue_and_match_torch(monkey
         torch.cuda.synchronize()
     names = {e.name for e in prof.events() if e.device_type == DeviceType.CUDA}
     assert {"_gate_projection_kernel", "_head_norm_gate_kernel"} <= names, sorted(names)
-    assert rel_err(compiled.float().cpu(), eager.float().cpu()) < 1e-2
-    assert rel_err(eager.float().cpu(), plain.float().cpu()) < 5e-2
-    for logits in (eager, compiled):
-        assert (logits.argmax(-1) == plain.argmax(-1)).float().mean() > 0.8
+    for got, ref, tol in ((eager, plain, 4e-2), (compiled, oracle, 5e-2)):
+        assert rel_err(got.float().cpu(), ref.float().cpu()) < tol
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
