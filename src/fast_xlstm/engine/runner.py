@@ -219,9 +219,8 @@ class ModelRunner:
             raise ValueError(f"max_graph_prefill_tokens must be >= 0, got {max_graph_prefill_tokens}")
         self.max_graph_prefill_tokens = max_graph_prefill_tokens
         # The device-table prefill needs the Triton kernels (on CUDA; on CPU only in their interpreter).
-        self.planned_prefill = max_graph_prefill_tokens >= PREFILL_GRAPH_MIN_TOKENS and \
-            ops.planned_prefill_supported(model.lm_head.weight)
         supported = ops.planned_prefill_supported(model.lm_head.weight)
+        self.planned_prefill = max_graph_prefill_tokens >= PREFILL_GRAPH_MIN_TOKENS and supported
         if prefill_in_pool and not supported:
             raise ValueError("prefill_in_pool needs the Triton kernels (a CUDA device, or their interpreter)")
         self.prefill_in_pool = supported if prefill_in_pool is None else prefill_in_pool

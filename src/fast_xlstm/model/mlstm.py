@@ -28,9 +28,9 @@ def _linear_fp32(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     `GATE_REDUCTION_MAX_ROWS` rows, a few output rows), it is written as a product and a sum:
     inductor fuses the upcast, products, sum and the caller's soft cap into one reduction kernel,
     where an fp32 GEMM call costs three (upcast copy, SIMT GEMM, split-K reduce) per layer. With
-    dynamic shapes the row test becomes a guard: one compiled variant each side of it. Longer
-    inputs go to `ops.gate_projection`, one kernel that reads x once in its own dtype where the
-    Triton kernels run (the fp32 GEMM elsewhere).
+    dynamic shapes the row test becomes a guard: one compiled variant each side of it. Everything
+    else (longer inputs, eager calls) goes to `ops.gate_projection`: for bf16 x where the Triton
+    kernels run, one tensor-core kernel that reads x once; elsewhere the fp32 GEMM.
     """
     if (torch.compiler.is_compiling() and lin.out_features <= 64
             and math.prod(x.shape[:-1]) <= GATE_REDUCTION_MAX_ROWS):

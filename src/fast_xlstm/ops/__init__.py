@@ -138,14 +138,18 @@ def mlstm_step_slots_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torc
     return impl(q, k, v, i, f, C, n, m, slots, eps=eps)
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would record an op on these tensors (the inference-only kernels must not run)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def gate_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The fp32 gate projection x [..., K] -> [..., N] = x.float() @ weight.float().T + bias.float().
 
     For bf16 x where the Triton kernels run and no gradient is needed, one kernel reads x once
     (`triton.gate_projection`); elsewhere (CPU, other dtypes, training) it is the fp32 linear.
     """
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
-    if not needs_grad and x.dtype == torch.bfloat16 and resolve_backend(x).name == "triton":
+    if not _needs_grad(x, weight, bias) and x.dtype == torch.bfloat16 and resolve_backend(x).name == "triton":
         return _triton().gate_projection_triton(x, weight, bias)
     return torch.nn.functional.linear(x.float(), weight.float(), bias.float())
 
@@ -153,8 +157,7 @@ def gate_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
 def head_norm_gate_supported(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `head_norm_gate` has its one-pass kernel for these tensors: 16-bit h, o and weight of one
     dtype where the Triton kernels run, with no gradient needed (the caller keeps its torch code else)."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, o, weight))
-    return (not needs_grad and h.dtype in (torch.bfloat16, torch.float16) and h.dtype == o.dtype == weight.dtype
+    return (not _needs_grad(h, o, weight) and h.dtype in (torch.bfloat16, torch.float16) and h.dtype == o.dtype == weight.dtype
             and resolve_backend(h).name == "triton")
 
 
