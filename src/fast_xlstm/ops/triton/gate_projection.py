@@ -58,7 +58,9 @@ def _gate_projection_kernel(X, W, BIAS, Y, M, K, sxm, N: tl.constexpr, NP: tl.co
 
 
 # Rows per program. One value for every row count: a choice by row count would be a shape guard, and
-# so a recompile, inside the compiled regions that call this op.
+# so a recompile, inside the compiled regions that call this op. On an H100 (7B, per forward): 32 rows
+# took 1.7 ms at 2,048 tokens and 14.9 ms at 65,536; the per-count choice it replaced, 16 / 64 rows,
+# took 1.45-1.64 / 6.5 ms. Untuned beyond that.
 _ROWS_PER_PROGRAM = 32
 
 
