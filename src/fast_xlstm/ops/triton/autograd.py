@@ -25,8 +25,8 @@ from torch import Tensor
 from .._checks import MLSTMState, check_cu_seqlens, check_sequence_inputs, check_state
 from ._common import chunk_len, seq_tables, tl_dtype
 from .chunkwise_bwd import mlstm_chunkwise_bwd
-from .chunkwise_fused import mlstm_chunkwise_infer
-from .chunkwise_fwd import chunk_state_dtype, inner_contiguous, kept_chunks, mlstm_chunkwise_fwd_train
+from .chunkwise_fwd import (chunk_state_dtype, inner_contiguous, kept_chunks, mlstm_chunkwise_fwd,
+                            mlstm_chunkwise_fwd_train)
 
 
 # Inference on one sequence's heads (fewer sequence-heads than this) of at least LONG_ALONE tokens runs
@@ -89,9 +89,8 @@ def chunkwise_fwd_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: 
     DV = v.shape[-1]
     N = _num_seqs(q, cu_seqlens)
     if S == 0:
-        h, Cf, nf, mf = _chunkwise_fwd(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps)
-        rows = [q.new_empty(B, NH, 0, dtype=torch.float32) for _ in range(3)]  # dsum, brow, mrow
-        return (h, Cf, nf, mf, *rows, *_empty_states(q, NH, DK, DV))
+        h, Cf, nf, mf, dsum = _chunkwise_fwd(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps)
+        return (h, Cf, nf, mf, dsum, dsum.clone(), dsum.clone(), *_empty_states(q, NH, DK, DV))
     q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, contiguous=False)
     alloc = kept_chunks(B, S, N, L, cu_seqlens is not None)
     h, (Cf, nf, mf), dsum, (brow, mrow), states = mlstm_chunkwise_fwd_train(q, k, v, i, f, init, tabs, L, eps,
@@ -107,9 +106,9 @@ def _empty_states(q: Tensor, NH: int, DK: int, DV: int) -> tuple[Tensor, Tensor,
 
 def _chunkwise_fwd(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Optional[Tensor],
                    n0: Optional[Tensor], m0: Optional[Tensor], cu_seqlens: Optional[Tensor], chunk_size: int,
-                   eps: float, token_major: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The inference forward (`chunkwise_fused.mlstm_chunkwise_infer`): h (contiguous, or token-major:
-    see `run_out`) and the final C, n, m [N, NH, 1] fp32; also the custom op's body for empty input."""
+                   eps: float, token_major: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward itself (the custom op's body, whose outputs are contiguous as its fake says; the
+    direct inference call asks for token-major h: see `run_out`)."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     N = _num_seqs(q, cu_seqlens)
@@ -117,12 +116,13 @@ def _chunkwise_fwd(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Op
         if C0 is None:
             z = q.new_zeros
             return (q.new_empty(B, NH, 0, DV), z(N, NH, DK, DV, dtype=torch.float32), z(N, NH, DK, dtype=torch.float32),
-                    z(N, NH, 1, dtype=torch.float32))
-        return q.new_empty(B, NH, 0, DV), C0.float().clone(), n0.float().clone(), m0.float().clone()
+                    z(N, NH, 1, dtype=torch.float32), q.new_empty(B, NH, 0, dtype=torch.float32))
+        return (q.new_empty(B, NH, 0, DV), C0.float().clone(), n0.float().clone(), m0.float().clone(),
+                q.new_empty(B, NH, 0, dtype=torch.float32))
     q, k, v, i, f, init, tabs, L = _prepare(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, contiguous=False,
                                             inference=True)
-    h, (Cf, nf, mf) = mlstm_chunkwise_infer(q, k, v, i, f, init, tabs, L, eps, token_major=token_major)
-    return h, Cf, nf, mf.unsqueeze(-1)
+    h, (Cf, nf, mf), dsum = mlstm_chunkwise_fwd(q, k, v, i, f, init, tabs, L, eps, token_major=token_major)
+    return h, Cf, nf, mf.unsqueeze(-1), dsum
 
 
 @chunkwise_fwd_op.register_fake
@@ -240,6 +240,6 @@ def mlstm_chunkwise_triton(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor
         h, Cf, nf, mf = chunkwise_fwd_op(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps,
                                          not recompute_states)[:4]
     else:
-        h, Cf, nf, mf = _chunkwise_fwd(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps, token_major=True)
+        h, Cf, nf, mf, _ = _chunkwise_fwd(q, k, v, i, f, C0, n0, m0, cu_seqlens, chunk_size, eps, token_major=True)
     out_dtype = torch.float32 if initial_state is None else initial_state[0].dtype
     return h, (Cf.to(out_dtype), nf.to(out_dtype), mf.to(out_dtype))

@@ -7,9 +7,7 @@ positions and `max_chunks = num_tokens // L + max_seqs` chunk entries (sum of ce
 exceeds it). `plan_values` writes one packing into that room:
   - sequences past the real ones repeat the shortest real one (same rows, chunk slots and initial
     state), so they compute and store bit-identical values where it does: harmless duplicates,
-    where a "skip" sequence would need a spare state row (the one-kernel forward, `chunkwise_fused`,
-    recognizes them by their first position, which does not rise past the previous sequence's, and
-    skips them);
+    where a "skip" sequence would need a spare state row;
   - chunk entries past the real ones point at chunk index `_NOWHERE`, past every sequence's end, so
     every position of them is masked out.
 Only the values change between replays; the kernels and their grids stay the same.
@@ -24,8 +22,7 @@ import triton
 
 from .._checks import MLSTMState
 from ._common import SeqTables, aligned, aligned_sections, chunk_len, tables_from_aligned
-from .chunkwise_fused import mlstm_chunkwise_infer
-from .chunkwise_fwd import inner_contiguous
+from .chunkwise_fwd import inner_contiguous, mlstm_chunkwise_fwd
 
 _NOWHERE = 1 << 24  # a chunk index past any sequence (positions j * L + t >= seq_len: all masked)
 
@@ -124,6 +121,6 @@ def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     q, k, v = (inner_contiguous(x.to(dt)) for x in (q, k, v))
     init = tuple(initial_state)
     # Inference only: the positions outside the plan's sequences (a bucket's tail) are never read.
-    h, final = mlstm_chunkwise_infer(q, k, v, i, f, init, plan.tables, plan.L, eps, state_rows=state_rows,
-                                     final_to_pool=final_to_pool, token_major=True)
-    return h, (None if final is None else (final[0], final[1], final[2].unsqueeze(-1)))
+    h, (Cf, nf, mf), _ = mlstm_chunkwise_fwd(q, k, v, i, f, init, plan.tables, plan.L, eps, state_rows=state_rows,
+                                             zero_fill=False, final_to_pool=final_to_pool, token_major=True)
+    return h, (None if final_to_pool else (Cf, nf, mf.unsqueeze(-1)))
