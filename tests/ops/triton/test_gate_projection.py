@@ -27,12 +27,14 @@ def _oracle(x, w, b):
     return (x.double().cpu() @ w.double().cpu().T + b.double().cpu())
 
 
-@pytest.mark.parametrize("rows_per_program", [16, 64])
+@pytest.mark.parametrize("rows_per_program,splits", [(16, 1), (64, 4), (64, 3)])
 @pytest.mark.parametrize("shape,n", [((3, 37, 200), 6), ((1, 70, 256), 16), ((5, 128), 40)])
-def test_matches_fp64_product(shape, n, rows_per_program, device, seed, monkeypatch):
-    """Odd row counts and widths (masked tails), output widths below, at and above 16, two row tilings.
+def test_matches_fp64_product(shape, n, rows_per_program, splits, device, seed, monkeypatch):
+    """Odd row counts and widths (masked tails), output widths below, at and above 16, two row tilings,
+    input features split over programs (a split past K's end adds nothing; the bias enters once).
     The tolerance is fp32's: a kernel that rounded the fp32 weights to bf16 would miss it by ~100x."""
     monkeypatch.setattr(gp, "_ROWS_PER_PROGRAM", rows_per_program)
+    monkeypatch.setattr(gp, "_K_SPLITS", splits)
     x, w, b = _inputs(shape, n, torch.bfloat16, device, seed)
     y = gate_projection_triton(x, w, b)
     assert y.dtype == torch.float32 and y.shape == (*shape[:-1], n)

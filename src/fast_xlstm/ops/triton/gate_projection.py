@@ -23,21 +23,24 @@ from ._common import INTERPRET, rtne
 
 # M (the row count) changes with every prefill: not specialized, so one compiled variant serves all.
 @triton.jit(do_not_specialize=["M"])
-def _gate_projection_kernel(X, W, BIAS, Y, M, K, sxm, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
+def _gate_projection_kernel(X, W, BIAS, P, M, K, KS, sxm, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
                             BK: tl.constexpr, FP32_DOT: tl.constexpr):
-    """Y [M, N] fp32 = X [M, K] (bf16, row stride sxm) @ W [N, K].T (fp32, contiguous) + BIAS [N].
+    """P[s] [M, N] fp32 = X [M, ks] (bf16, row stride sxm) @ W [N, ks].T (fp32, contiguous) over the
+    input-feature slice ks = [s * KS, (s + 1) * KS) of split s = program_id(1), plus BIAS [N] in split 0.
 
     FP32_DOT: the bf16 values enter the products as fp32 (exact "ieee" products): for the CPU
     interpreter, which multiplies 16-bit operands wrongly."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    split = tl.program_id(1)
     mr = rows < M
     cols = tl.arange(0, NP)
     mc = cols < N
     x_ptr = X + rows[:, None].to(tl.int64) * sxm
     acc = tl.zeros([BM, NP], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    k_end = tl.minimum(K, (split + 1) * KS)
+    for k0 in range(split * KS, k_end, BK):
         ks = k0 + tl.arange(0, BK)
-        mk = ks < K
+        mk = ks < k_end
         x = tl.load(x_ptr + ks[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
         w = tl.load(W + cols[None, :] * K + ks[:, None], mask=mk[:, None] & mc[None, :], other=0.0)
         w_hi = rtne(w, tl.bfloat16).to(tl.float32)
@@ -53,15 +56,19 @@ def _gate_projection_kernel(X, W, BIAS, Y, M, K, sxm, N: tl.constexpr, NP: tl.co
             acc = tl.dot(x, w_lo.to(tl.bfloat16), acc)
             acc = tl.dot(x, w_mid.to(tl.bfloat16), acc)
             acc = tl.dot(x, w_hi.to(tl.bfloat16), acc)
-    acc += tl.load(BIAS + cols, mask=mc, other=0.0)[None, :]
-    tl.store(Y + rows[:, None] * N + cols[None, :], acc, mask=mr[:, None] & mc[None, :])
+    acc += tl.load(BIAS + cols, mask=mc & (split == 0), other=0.0)[None, :]
+    tl.store(P + split.to(tl.int64) * M * N + rows[:, None] * N + cols[None, :], acc, mask=mr[:, None] & mc[None, :])
 
 
-# Rows per program. One value for every row count: a choice by row count would be a shape guard, and
-# so a recompile, inside the compiled regions that call this op. On an H100 (7B, per forward): 32 rows
-# took 1.7 ms at 2,048 tokens and 14.9 ms at 65,536; the per-count choice it replaced, 16 / 64 rows,
-# took 1.45-1.64 / 6.5 ms. Untuned beyond that.
-_ROWS_PER_PROGRAM = 32
+# Rows per program and input-feature splits. One choice for every row count: a choice by row count
+# would be a shape guard, and so a recompile, inside the compiled regions that call this op. The K loop
+# is latency-bound (a 2,048-token prefill's rows alone give 32 programs of 64 rows), so the input
+# features are split across programs too, and the split partial sums (SPLIT * M * N fp32, 3% of x's
+# bytes at the 7B's 16 outputs) are added by the caller's fused code: deterministic, unlike atomics.
+# On an H100 (7B, per forward): one split of 32 rows took 1.7 ms at 2,048 tokens and 14.9 ms at 65,536;
+# 16 / 64 rows by row count, 1.45-1.64 / 6.5 ms.
+_ROWS_PER_PROGRAM = 64
+_K_SPLITS = 4
 
 
 @triton_op("fast_xlstm::gate_projection", mutates_args=())
@@ -83,11 +90,14 @@ def gate_projection_triton(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, N, device=x.device, dtype=torch.float32)
+    bk = 128
+    splits = _K_SPLITS
+    parts = torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
     if M:
         bm = _ROWS_PER_PROGRAM
+        ks = triton.cdiv(triton.cdiv(K, splits), bk) * bk  # whole BK blocks per split
         kernel = _gate_projection_kernel if INTERPRET else wrap_triton(_gate_projection_kernel)
-        kernel[(triton.cdiv(M, bm),)](x2, weight.float().contiguous(), bias.float().contiguous(), y, M, K,
-                                      x2.stride(0), N=N, NP=max(16, triton.next_power_of_2(N)), BM=bm, BK=128,
-                                      FP32_DOT=INTERPRET, num_warps=4)
-    return y.reshape(*x.shape[:-1], N)
+        kernel[(triton.cdiv(M, bm), splits)](x2, weight.float().contiguous(), bias.float().contiguous(), parts, M, K,
+                                             ks, x2.stride(0), N=N, NP=max(16, triton.next_power_of_2(N)), BM=bm,
+                                             BK=bk, FP32_DOT=INTERPRET, num_warps=4)
+    return parts.sum(0).reshape(*x.shape[:-1], N)
