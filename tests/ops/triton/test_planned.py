@@ -422,3 +422,23 @@ def test_in_pool_prefills_of_new_packings_compile_nothing_new():
     for lengths in ([511] * 15, [512] * 32, [512] * 32 + [7], [1] * 9 + [500], [77, 3, 1000]):
         prefill(lengths)
     assert variants() == first
+
+
+def test_padding_chunks_stay_masked_with_128_token_chunks(device, seed, make_inputs, random_state, rel_err,
+                                                        state_err):
+    """One long prompt takes 128-token chunks in the in-pool prefill (`inference_chunk_len`), and its
+    layout has spare chunk entries. Their index times L must stay inside int32: at 2^24 * 128 it wrapped
+    to a negative position, the masks let it through, and the H100 faulted on the first 4,096-token
+    prompt (bench TTFT at 4,096 / 16,384 tokens)."""
+    NH, DK, DV, T = 2, 16, 16, 256
+    layout = PackedLayout(2, T, chunk_size=128)
+    assert layout.L == 128 and layout.max_chunks > 2  # spare chunk entries
+    offs = [0, 200]
+    q, k, v, i, f = (t.to(device) for t in make_inputs(1, NH, T, DK, DV, torch.float32, seed=seed))
+    s0 = [t.to(device) for t in random_state(layout.max_seqs, NH, DK, DV, seed=seed + 1)]
+    s0 = [t[[0, 0]].clone() for t in s0]  # the padding sequence repeats sequence 0's state
+    h, st = mlstm_chunkwise_planned(q, k, v, i, f, s0, _plan(layout, offs, device))
+    h_ref, st_ref = mlstm_recurrent(*(t[:, :, :200].double().cpu() for t in (q, k, v, i, f)),
+                                    [t[:1].double().cpu() for t in s0])
+    assert rel_err(h[:, :, :200].cpu(), h_ref) < TOL[torch.float32]
+    assert state_err([t[:1].cpu() for t in st], st_ref) < TOL[torch.float32]

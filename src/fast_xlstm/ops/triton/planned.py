@@ -24,7 +24,10 @@ from .._checks import MLSTMState
 from ._common import SeqTables, aligned, aligned_sections, chunk_len, tables_from_aligned
 from .chunkwise_fwd import inner_contiguous, mlstm_chunkwise_fwd
 
-_NOWHERE = 1 << 24  # a chunk index past any sequence (positions j * L + t >= seq_len: all masked)
+# A chunk index past any sequence (positions j * L + t >= seq_len: all masked). The kernels compute
+# j * L + t in int32, so it must stay below 2^31 / 128 (the longest chunk); at 2^24 it wrapped to a
+# negative position with 128-token chunks and the masks let the padding chunk read out of bounds.
+_NOWHERE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ def plan_values(layout: PackedLayout, offsets: list[int]) -> list[int]:
     if offsets[0] != 0 or offsets[-1] > layout.num_tokens or any(b <= a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"offsets must rise strictly from 0 to at most {layout.num_tokens}, got {offsets}")
     L, M = layout.L, layout.max_chunks
+    if offsets[-1] > _NOWHERE * L:
+        raise ValueError(f"packed prefills hold at most {_NOWHERE * L} tokens with {L}-token chunks")
     lens = [offsets[r + 1] - offsets[r] for r in range(N)]
     ncs = [triton.cdiv(n, L) for n in lens]
     chunk_off = [sum(ncs[:r]) for r in range(N)]
