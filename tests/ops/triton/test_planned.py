@@ -428,8 +428,8 @@ def test_padding_chunks_stay_masked_with_128_token_chunks(device, seed, make_inp
                                                         state_err):
     """One long prompt takes 128-token chunks in the in-pool prefill (`inference_chunk_len`), and its
     layout has spare chunk entries. Their index times L must stay inside int32: at 2^24 * 128 it wrapped
-    to a negative position, the masks let it through, and the H100 faulted on the first 4,096-token
-    prompt (bench TTFT at 4,096 / 16,384 tokens)."""
+    to a negative position, the masks let it through, and the H100 faulted on any single prompt of
+    4,096+ tokens with a length divisible by 128 (bench TTFT at 4,096 / 16,384 tokens)."""
     NH, DK, DV, T = 2, 16, 16, 256
     layout = PackedLayout(2, T, chunk_size=128)
     assert layout.L == 128 and layout.max_chunks > 2  # spare chunk entries

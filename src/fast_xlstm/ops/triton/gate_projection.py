@@ -65,8 +65,10 @@ def _gate_projection_kernel(X, W, BIAS, P, M, K, KS, sxm, N: tl.constexpr, NP: t
 # is latency-bound (a 2,048-token prefill's rows alone give 32 programs of 64 rows), so the input
 # features are split across programs too, and the split partial sums (SPLIT * M * N fp32, 3% of x's
 # bytes at the 7B's 16 outputs) are added by the caller's fused code: deterministic, unlike atomics.
-# On an H100 (7B, per forward): one split of 32 rows took 1.7 ms at 2,048 tokens and 14.9 ms at 65,536;
-# 16 / 64 rows by row count, 1.45-1.64 / 6.5 ms.
+# On an H100 (7B, per forward, bench/results/h100-profile/gate-split-788cec1): 64 rows x 4 splits 0.35 ms
+# at 2,048 tokens and 7.2 ms at 65,536, against 1.76 / 15.1 ms for one split of 32 rows (and 1.45-1.64 /
+# 6.5 ms for the 16 / 64 rows that an earlier choice by row count took). Alone at 65,536 rows, 1 split
+# is ~7% faster than 4 (the partial sums' bytes), which the 2k prefill's 5x more than pays for.
 _ROWS_PER_PROGRAM = 64
 _K_SPLITS = 4
 
