@@ -4,7 +4,10 @@
 - `OfficialStack`: the `xlstm` package's `xlstm_large` with the best kernels that run on the
   installed Triton, fused weights, and its decode step captured in a CUDA graph by this harness
   (as the paper's harness did), holding the same random weights.
-Every call returns host-visible results, so timings include the syncs a real caller pays.
+Every call returns host-visible results, so timings include the syncs a real caller pays. Decode
+reads every step's tokens on the host one step late: the next step is queued before the host waits
+for the previous one's tokens (the feed token stays on the device), as a serving engine with async
+scheduling does; both stacks are driven that way.
 """
 
 from __future__ import annotations
@@ -43,14 +46,28 @@ class OursStack:
         return self.runner.prefill(slots, prompts.tolist(), [True] * len(slots), [GREEDY] * len(slots)).tokens
 
     def decode(self, batch: int, steps: int) -> None:
+        """`steps` decode steps of slots 0..batch-1, each step's tokens read on the host one step late."""
         slots = list(range(batch))
+        pending = None
         for _ in range(steps):
-            self.runner.decode(slots, self.mode)
+            launched = self.runner.decode_launch(slots, self.mode)
+            if pending is not None:
+                self.runner.decode_collect(pending)
+            pending = launched
+        if pending is not None:
+            self.runner.decode_collect(pending)
 
     @torch.inference_mode()
     def forward_tokens(self, ids: torch.Tensor) -> None:
         """A prefill forward over [B, S] tokens (head at the last positions, as prefill needs)."""
         self.model(ids, last_logits_only=True)
+
+
+def _read_tokens(host: torch.Tensor, event: "torch.cuda.Event | None") -> list[int]:
+    """A step's tokens copied to `host`, once the copy queued before `event` has landed."""
+    if event is not None:
+        event.synchronize()
+    return host.view(-1).tolist()
 
 
 class OfficialStack:
@@ -119,10 +136,24 @@ class OfficialStack:
 
     @torch.inference_mode()
     def decode(self, batch: int, steps: int) -> None:
+        """`steps` graph replays; the host reads each step's tokens one step late (see the module
+        docstring): a copy to pinned memory queued after each replay, waited for after the next."""
         run, x = self._graph(batch)
-        for _ in range(steps):
+        cuda = self.device.type == "cuda"
+        host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=cuda) for _ in range(2)]
+        pending = None
+        for step in range(steps):
             run()
-            x.view(-1)[0].item()  # the host reads each token, as a generation loop must
+            buf = host[step % 2]
+            buf.copy_(x, non_blocking=cuda)
+            event = torch.cuda.Event() if cuda else None
+            if event is not None:
+                event.record()
+            if pending is not None:
+                _read_tokens(*pending)
+            pending = (buf, event)
+        if pending is not None:
+            _read_tokens(*pending)
 
     @torch.inference_mode()
     def forward_tokens(self, ids: torch.Tensor) -> None:
