@@ -28,13 +28,17 @@ class LLM:
         max_num_batched_tokens: prompt tokens (plus one per decoding sequence) per engine step;
             bounds prefill activation memory for prompts of any length.
         use_cuda_graph: capture the decode step per batch-size bucket (default: on CUDA).
+        async_scheduling: queue each decode step before reading the previous step's tokens, so the
+            host's per-token work overlaps the device (default on, as in `fast-xlstm serve`; the same
+            tokens either way). A per-step sync cost the 7B 4% of its decode throughput at batch 1 and
+            64 on an H100 (`bench/results/h100-7b-c9f729e`).
         engine_options: passed to `LLMEngine` (prefix cache and session settings).
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
                  state_dtype: str | torch.dtype = "float32", device: str | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, use_cuda_graph: bool | None = None, fuse: bool = True,
-                 seed: int = 0, **engine_options):
+                 seed: int = 0, async_scheduling: bool = True, **engine_options):
         loaded = load(model, device=device, dtype=dtype, fuse=fuse, seed=seed)
         self.model, self.tokenizer, self.source = loaded.model, loaded.tokenizer, loaded.source
         sd = parse_dtype(state_dtype)
@@ -42,7 +46,7 @@ class LLM:
             raise ValueError(f"state_dtype must be float32 or bfloat16, got {state_dtype!r}")
         self.engine = LLMEngine(self.model, self.tokenizer, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens, state_dtype=sd,
-                                use_cuda_graph=use_cuda_graph, **engine_options)
+                                use_cuda_graph=use_cuda_graph, async_scheduling=async_scheduling, **engine_options)
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,

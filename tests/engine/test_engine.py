@@ -218,3 +218,10 @@ def test_async_scheduling_launches_no_step_past_max_tokens(max_tokens):
         if mode:
             assert sum(launches) == 2 * (max_tokens - 1), launches
     assert outs[True] == outs[False] and all(len(t) == max_tokens for t in outs[True])
+
+
+def test_llm_schedules_asynchronously_by_default():
+    """Offline generation queues each decode step before reading the previous one (as the server
+    does); the parametrized tests above show both modes give eager generation's outputs."""
+    assert LLM("xlstm-tiny", device="cpu", max_num_seqs=1).engine.async_scheduling
+    assert not LLM("xlstm-tiny", device="cpu", max_num_seqs=1, async_scheduling=False).engine.async_scheduling
