@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -42,6 +43,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"[fast-xlstm] serving {llm.source} as {', '.join(config.model_names)} on http://{args.host}:{args.port} "
           f"({llm.model.device}, {args.max_num_seqs} state slots)", file=sys.stderr, flush=True)
     app = create_app(llm.engine, llm.tokenizer, config)
+    # What exists now (modules, model, engine, app) lives as long as the process. Frozen, the cyclic
+    # GC's full collections no longer walk it: unfrozen, one took 131 ms during a burst of 64 requests
+    # (tiny model on CPU, scratch measurement), holding the GIL that the engine thread's steps need.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
