@@ -30,8 +30,9 @@ class LLM:
         use_cuda_graph: capture the decode step per batch-size bucket (default: on CUDA).
         async_scheduling: queue each decode step before reading the previous step's tokens, so the
             host's per-token work overlaps the device (default on, as in `fast-xlstm serve`; the same
-            tokens either way). A per-step sync cost the 7B 4% of its decode throughput at batch 1 and
-            64 on an H100 (`bench/results/h100-7b-c9f729e`).
+            tokens either way). In `fast-xlstm bench` runs on H100s, a sync after every step gave the 7B
+            158.5 / 5,007 decode tok/s at batch 1 / 64, and reading one step late 165.0 / 5,192
+            (two runs: `bench/results/h100-7b-c9f729e`).
         engine_options: passed to `LLMEngine` (prefix cache and session settings).
     """
 
