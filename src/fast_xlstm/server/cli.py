@@ -44,8 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"({llm.model.device}, {args.max_num_seqs} state slots)", file=sys.stderr, flush=True)
     app = create_app(llm.engine, llm.tokenizer, config)
     # What exists now (modules, model, engine, app) lives as long as the process. Frozen, the cyclic
-    # GC's full collections no longer walk it: unfrozen, one took 131 ms during a burst of 64 requests
-    # (tiny model on CPU, scratch measurement), holding the GIL that the engine thread's steps need.
+    # GC's full collections no longer walk it: unfrozen, one took 115 ms in the first burst of 64
+    # requests (tiny model on CPU, bench/server_burst.py; none in four bursts frozen), holding the GIL
+    # that the engine thread's steps need.
     gc.collect()
     gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
