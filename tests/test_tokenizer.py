@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import tokenizers
 from tokenizers import processors
 
 import fast_xlstm
+from fast_xlstm import config, loading
+from fast_xlstm.generation.detokenizer import IncrementalDetokenizer
 from fast_xlstm.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,3 +123,40 @@ def test_bad_special_ids(tok_dir: Path) -> None:
         Tokenizer.from_dir(tok_dir, eos_token_id=-1)
     with pytest.raises(TypeError):
         Tokenizer.from_dir(tok_dir).encode(b"bytes")  # type: ignore[arg-type]
+
+
+def test_placeholder_tokens_make_every_id_decode_to_text() -> None:
+    """A random-weight preset's ids past the demo vocabulary must stream text (one chunk per token,
+    as with a real checkpoint's tokenizer); ids inside it must decode and encode as before."""
+    plain = Tokenizer.from_file(SHIPPED)
+    tok = Tokenizer.from_file(SHIPPED)
+    assert tok.add_placeholder_tokens(3000) == 3000 - 1024
+    assert tok.vocab_size == 3000
+    rng = random.Random(0)
+    for i in rng.sample(range(1024, 3000), 50) + [1024, 2999]:
+        assert tok.decode([i]) == f" t{i}"
+    low = [rng.randrange(3, 1024) for _ in range(64)]
+    assert tok.decode(low) == plain.decode(low)
+    text = "To be, or not to be: that is the question."
+    assert tok.encode(text) == plain.encode(text)
+    # Streamed: every placeholder id yields its text at once (nothing held back).
+    detok = IncrementalDetokenizer(tok)
+    for i in rng.sample(range(1024, 3000), 20):
+        assert detok.step(i) == f" t{i}"
+    assert tok.add_placeholder_tokens(3000) == 0  # already covered: nothing to add
+    with pytest.raises(ValueError, match="vocab_size must be an int >= the tokenizer's 3000"):
+        tok.add_placeholder_tokens(2000)
+
+
+def test_wide_vocab_preset_loads_with_placeholder_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load` of a preset whose vocabulary is larger than the demo tokenizer's covers every id."""
+    monkeypatch.setitem(config.PRESETS, "test-wide-vocab",
+                        lambda: config.XLSTMConfig(vocab_size=2048, embedding_dim=64, num_blocks=1, num_heads=2))
+    loaded = loading.load("test-wide-vocab", device="cpu")
+    assert loaded.tokenizer.vocab_size == loaded.model.config.vocab_size == 2048
+    assert loaded.tokenizer.decode([5, 2047]) == plain_decode(5) + " t2047"
+    assert loaded.random_weights
+
+
+def plain_decode(i: int) -> str:
+    return Tokenizer.from_file(SHIPPED).decode([i])

@@ -70,6 +70,7 @@ def load(model: str | Path | None = None, *, device: str | None = None, dtype: t
         if cfg.vocab_size < tok.vocab_size:
             raise ValueError(f"preset {name!r} has vocab_size {cfg.vocab_size} < the demo tokenizer's "
                              f"{tok.vocab_size}")
+        tok.add_placeholder_tokens(cfg.vocab_size)  # every id the model can sample streams text
         lm = XLSTMForCausalLM.from_config(cfg, dtype=dt, device=device, seed=seed, init="random")
         if fuse:
             lm.fuse_projections()

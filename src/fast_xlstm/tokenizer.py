@@ -190,6 +190,25 @@ class Tokenizer:
         """Number of ids the tokenizer can produce, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def add_placeholder_tokens(self, vocab_size: int) -> int:
+        """Makes every id below `vocab_size` decode to text: each id i past the current vocabulary
+        becomes the added token ``" t{i}"``. Returns how many were added.
+
+        For a random-weight preset whose vocabulary is larger than the demo tokenizer it comes with
+        (the 7B's 50,304 ids against 1,024). Without them almost every generated id would decode to
+        nothing, so a served stream would send almost no chunks, where a real checkpoint's tokenizer
+        sends about one per token: the server's streaming work would go unmeasured. Text that
+        contains such a word encodes to its id, like any added token.
+        """
+        have = self.vocab_size
+        if not isinstance(vocab_size, int) or vocab_size < have:
+            raise ValueError(f"vocab_size must be an int >= the tokenizer's {have} ids, got {vocab_size!r}")
+        words = [tokenizers.AddedToken(f" t{i}", normalized=False) for i in range(have, vocab_size)]
+        added = self._tok.add_tokens(words)
+        if self.vocab_size != vocab_size:  # a placeholder that was already a token would shift every later id
+            raise ValueError(f"placeholder tokens clash with the vocabulary: {self.vocab_size} ids, wanted {vocab_size}")
+        return added
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
