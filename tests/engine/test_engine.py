@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fast_xlstm import LLM, SamplingParams, generate
-from fast_xlstm.engine.runner import DecodeMode
+from fast_xlstm.engine.runner import DecodeMode, _by_rows
 
 from modelutil import random_ids, rel_err
 
@@ -149,6 +149,22 @@ def test_compiled_decode_step_and_prefill_equal_eager():
     outs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
     ref = generate(llm.model, llm.tokenizer, PROMPTS[:3], params)
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+
+
+def test_one_row_decode_steps_compile_in_their_own_mode():
+    """`batch1_compile_mode`: one-row decode steps run a graph compiled in that mode (max-autotune
+    GEMMs by default on CUDA), larger batches the general one; both give the eager tokens."""
+    llm = LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=2, compile_decode=True,
+              batch1_compile_mode="max-autotune-no-cudagraphs")
+    params = SamplingParams(temperature=0, max_tokens=6)
+    ref = generate(llm.model, llm.tokenizer, PROMPTS[:2], params)
+    assert llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].token_ids == ref[0].token_ids  # batch 1
+    assert [o.token_ids for o in llm.generate(PROMPTS[:2], params, use_tqdm=False)] == [r.token_ids for r in ref]
+    calls: list[str] = []
+    step = _by_rows(lambda *a: calls.append("one row"), lambda *a: calls.append("general"))
+    for rows in (1, 2, 1, 64):
+        step(torch.zeros(rows, 8), None, None)
+    assert calls == ["one row", "general", "one row", "general"]
 
 
 def test_prefill_in_state_bounded_groups_equals_one_group(llm):

@@ -59,7 +59,8 @@ class LLMEngine:
                  max_graph_prefill_tokens: int = 2048, enable_prefix_cache: bool = True, prefix_block: int = 512,
                  cache_device_bytes: int = 4 << 30, cache_host_bytes: int = 16 << 30,
                  max_sessions_device_bytes: int = 4 << 30, max_sessions_host_bytes: int = 16 << 30,
-                 step_log: str | Path | None = None, async_scheduling: bool = False, mixed_steps: bool = False):
+                 step_log: str | Path | None = None, async_scheduling: bool = False, mixed_steps: bool = False,
+                 batch1_compile_mode: str | None = "auto"):
         """step_log: a file that gets one JSON line per step (wall time, milliseconds, decode rows,
         prefill sequences and tokens, requests admitted, running and waiting): how a load unfolds.
 
@@ -73,6 +74,9 @@ class LLMEngine:
         decode's share is small): the GEMMs read the weights once for both, the decoding requests
         take the decode step's kernel, fed their last sampled token on the device (so the step
         launches before the previous one is read). The tokens are the same as apart.
+
+        batch1_compile_mode: how a compiled decode step of one request is compiled (`ModelRunner`):
+        "auto" autotunes its GEMMs on CUDA (a faster batch-1 step for ~half a minute more start-up).
         """
         self.model, self.tokenizer = model, tokenizer
         self.step_log = None if step_log is None else open(step_log, "a", buffering=1)
@@ -81,7 +85,8 @@ class LLMEngine:
         self._inflight: tuple[list[Request], PendingDecode] | None = None  # launched, not yet read
         self.runner = ModelRunner(model, num_slots=max_num_seqs, state_dtype=state_dtype,
                                   use_cuda_graph=use_cuda_graph, compile_decode=compile_decode,
-                                  compile_prefill=compile_prefill, max_graph_prefill_tokens=max_graph_prefill_tokens)
+                                  compile_prefill=compile_prefill, max_graph_prefill_tokens=max_graph_prefill_tokens,
+                                  batch1_compile_mode=batch1_compile_mode)
         self.prefix_block = prefix_block if enable_prefix_cache else 0
         self.prefix_cache: StateCache[bytes] | None = (
             StateCache(cache_device_bytes, cache_host_bytes) if enable_prefix_cache else None)

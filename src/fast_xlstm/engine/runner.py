@@ -44,16 +44,40 @@ LOGPROBS_K = 20  # the most alternatives a decode step reports (OpenAI's limit)
 MIXED_WARM_UP_PROMPT = 512  # mixed-step graphs warmed up: 1, 2 and 4 prompts of this length, every decode bucket
 
 
-def compile_block_steps(model: XLSTMForCausalLM, mode: str | None = None) -> None:
+# torch.compile mode of one-row decode steps on CUDA (`ModelRunner(batch1_compile_mode=...)`).
+BATCH1_COMPILE_MODE = "max-autotune-no-cudagraphs"
+
+
+def compile_block_steps(model: XLSTMForCausalLM, mode: str | None = None, batch1_mode: str | None = None) -> None:
     """Regional torch.compile of the decode step of every block: the blocks share one compiled
     graph (parameters are graph inputs), which fuses each block's ~80 small kernels (norms, gates,
     cell update, output gate, SwiGLU glue) into a few; CUDA-graph capture then records those.
     mode: a torch.compile mode, e.g. "max-autotune-no-cudagraphs" (benchmarks GEMM kernels per
-    batch bucket: slower start-up)."""
+    batch bucket: slower start-up).
+
+    batch1_mode: another mode for steps of one row. Dynamo compiles the first batch size it sees for
+    that static shape and every later one as one dynamic-shape graph, so one-row steps always have a
+    graph of their own, and tuning it costs nothing at other sizes. Max-autotune there benchmarks
+    Triton matrix-vector templates against cuBLAS for each projection: on an H100 the 7B's batch-1
+    step took 5.96 instead of 6.36 ms, while the same mode for the shared graph (tuned at one size)
+    was slower at batch 64 and 256 (bench/results/h100-profile/autotune-ee2cb48)."""
     for block in model.backbone.blocks:
-        if not getattr(block, "_step_slots_compiled", False):
-            block.step_slots = torch.compile(block.step_slots, fullgraph=True, mode=mode)
-            block._step_slots_compiled = True
+        if getattr(block, "_step_slots_compiled", False):
+            continue
+        general = torch.compile(block.step_slots, fullgraph=True, mode=mode)
+        if batch1_mode is not None and batch1_mode != mode:
+            block.step_slots = _by_rows(torch.compile(block.step_slots, fullgraph=True, mode=batch1_mode), general)
+        else:
+            block.step_slots = general
+        block._step_slots_compiled = True
+
+
+def _by_rows(one_row: Callable[..., torch.Tensor], general: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A block's step_slots that runs `one_row` on x [1, d] and `general` on any other batch (the
+    choice is made when a step is traced or captured; a graph replay runs no Python)."""
+    def step_slots(x: torch.Tensor, pool, slots: torch.Tensor) -> torch.Tensor:
+        return (one_row if x.shape[0] == 1 else general)(x, pool, slots)
+    return step_slots
 
 
 def compile_prefill_regions(model: XLSTMForCausalLM) -> None:
@@ -172,16 +196,21 @@ class ModelRunner:
     def __init__(self, model: XLSTMForCausalLM, *, num_slots: int, state_dtype: torch.dtype = torch.float32,
                  use_cuda_graph: bool | None = None, compile_decode: bool = False, compile_prefill: bool = False,
                  max_graph_prefill_tokens: int = 2048, compile_mode: str | None = None,
-                 prefill_in_pool: bool | None = None):
+                 batch1_compile_mode: str | None = "auto", prefill_in_pool: bool | None = None):
         """max_graph_prefill_tokens: prefills of at most this many tokens (rounded down to a power of
         two; 0 = none) run through the device-table path, captured as CUDA graphs on CUDA.
         prefill_in_pool: larger prefills also run the device-table kernels, eagerly, on the pool rows in
         place: one forward for every piece, no state copied out of the pool and back (None = wherever
         those kernels run; False = the packed forward on copied states, in groups bounded by
-        `prefill_state_bytes`)."""
+        `prefill_state_bytes`).
+        batch1_compile_mode: the compile mode of one-row decode steps ("auto": `BATCH1_COMPILE_MODE` on
+        CUDA, where its tuning pays for its start-up time; `compile_mode` elsewhere). See
+        `compile_block_steps`."""
         self.model = model
+        if batch1_compile_mode == "auto":
+            batch1_compile_mode = BATCH1_COMPILE_MODE if model.device.type == "cuda" else compile_mode
         if compile_decode:
-            compile_block_steps(model, compile_mode)
+            compile_block_steps(model, compile_mode, batch1_compile_mode)
         if compile_prefill:
             compile_prefill_regions(model)
         self.device = model.device
