@@ -160,14 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", type=parse_variant, action="append", default=[],
                     help="NAME=SERVER_ARGS (repeatable): one throughput server per variant, all against the "
                          "same static baseline; default one variant, 'default', with no more options")
-    ap.add_argument("--client-processes", type=int, default=4,
-                    help="load generator processes for the throughput runs (one cannot parse 8k chunks/s)")
+    # 8, not 4: a client builds each request in the openai SDK (~8 ms for 512 token ids) before it
+    # sends it, so with 16 clients a process, the last request of a wave left ~0.1 s after the first
+    # and the server idled meanwhile. One H100, same machine, two runs at ee2cb48: 4 processes 0.776 /
+    # 0.660 of static decode at 64 / 256 requests, 8 processes 0.787 / 0.684 (h100-serve/run-ee2cb48).
+    ap.add_argument("--client-processes", type=int, default=8,
+                    help="load generator processes for the throughput runs (one cannot parse 8k chunks/s, "
+                         "nor build requests fast enough for a wave of 64)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"commit": os.environ.get("FAST_XLSTM_COMMIT", "unknown"), "model": args.model}
-    # TTFT runs ask for logprobs so the server sends a chunk per token: with random weights many
-    # tokens decode to no text, and a text-only stream would time the first visible text instead.
+    # TTFT runs ask for logprobs so the server sends a chunk at the first token whatever it decodes
+    # to (a token that ends mid-character decodes to no text yet): the time is the first token's.
     prefix_args = ("--concurrency", "1", "--num-requests", str(args.prefix_requests), "--shared-prefix-tokens",
                    str(args.prefix_tokens), "--prompt-tokens", "64", "--output-tokens", "8", "--warmup", "2",
                    "--logprobs")

@@ -111,3 +111,12 @@ def test_mixed_step_times_both_ways_on_cpu(tmp_path):
     assert [(x["decode_rows"], x["prompts"], x["tokens_each"]) for x in r["rows"]] == [(3, 1, 20), (0, 2, 9)]
     for row in r["rows"]:
         assert row["mixed_ms"] > 0 and row["split_ms"] > 0 and 0 < row["mixed_host_launch_ms"] <= row["mixed_ms"]
+
+
+def test_startup_time_builds_and_warms_a_compiled_engine(tmp_path):
+    mod = _load("startup_time")
+    out = tmp_path / "startup.json"
+    assert mod.main(["--model", "xlstm-tiny", "--device", "cpu", "--max-num-seqs", "2", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["model"] == "xlstm-tiny" and r["device"] == "cpu" and not r["cold"]
+    assert r["build_s"] > 0 and r["warm_up_s"] > 0
