@@ -120,10 +120,16 @@ def _counters(n: int, device: torch.device) -> torch.Tensor:
 
 
 def _tiles(B: int, NH: int, DK: int, DV: int) -> tuple[int, int, int]:
-    """(BK, BV, num_warps): narrow DV tiles when the batch is small, so >= ~2 programs per SM."""
-    bk = min(64, pow2(DK))
-    bv = 32 if B * NH * DV <= 64 * 264 else 64
-    bv = min(bv, pow2(DV))
+    """(BK, BV, num_warps): narrow DV tiles when the batch is small, so >= ~2 programs per SM.
+
+    A small batch is latency-bound: each program then loads its whole [DK, BV] slice of C at once
+    instead of walking DK in serial tiles. At the 7B head shape on an H100 (state in L2, so the
+    latency part), batch 1 / 2 / 4 took 5.0 / 6.8 / 9.3 us a launch with DK-wide tiles against
+    7.0 / 8.1 / 10.2 with 64-row ones; at batch 8 and 16 the 64x64 tiles stay best
+    (bench/results/h100-kernels-step-1de3430)."""
+    small = B * NH * DV <= 64 * 264
+    bv = min(32 if small else 64, pow2(DV))
+    bk = min(256 if small else 64, pow2(DK))
     return bk, bv, 4 if bk * bv >= 4096 else 2
 
 
