@@ -152,3 +152,36 @@ def test_dispatch_step_slots_routes_to_triton(device, seed, make_inputs, random_
     h_ref = ops.mlstm_step_slots_(*x, *ref, slots, backend="torch")
     assert torch.allclose(h, h_ref, rtol=1e-5, atol=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(pool, ref))
+
+
+@pytest.mark.parametrize("B,NH", [(1, 8), (4, 8), (5, 8)], ids=["b1", "b4", "b5"])
+def test_slot_pool_at_7b_head_shape(B, NH, device, seed, make_inputs, random_state, rel_err, state_err):
+    """The 7B's heads (DK 256, DV 512) with the tiles decode uses at that batch: up to batch 4 one
+    load of each program's whole DK column, from batch 5 64 x 64 tiles over DK."""
+    from fast_xlstm.ops.triton.step import _tiles
+
+    DK, DV = 256, 512
+    assert _tiles(B, NH, DK, DV) == ((256, 32, 4) if B <= 4 else (64, 64, 4))
+    slots = torch.arange(B, dtype=torch.int32, device=device).flip(0)
+    pool = [t.to(device).contiguous() for t in random_state(B, NH, DK, DV, seed=seed)]
+    x = _step_inputs(make_inputs, B, NH, DK, DV, torch.bfloat16, seed, device)
+    order = slots.long().cpu()
+    h_ref, st_ref = mlstm_step_torch(*(t.double().cpu() for t in x), [t.double().cpu()[order] for t in pool])
+    h = mlstm_step_slots_(*x, *pool, slots)
+    assert rel_err(h.cpu(), h_ref) < TOL[torch.bfloat16]
+    assert state_err([t.cpu()[order] for t in pool], st_ref) < TOL[torch.float32]
+
+
+def test_step_tiles_sweep_agrees_across_tiles(device):
+    """bench/step_tiles_sweep.py runs (in the interpreter on CPU), and every tiling it tries gives the
+    chosen tiling's h and state up to summation order."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "bench" / "step_tiles_sweep.py"
+    spec = importlib.util.spec_from_file_location("step_tiles_sweep", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.sweep([1, 3], 2, 64, 64, torch.device(device))
+    assert {r["batch"] for r in rows} == {1, 3} and sum(r["chosen"] for r in rows) == 2
+    assert len(rows) > 2 and all(r["max_rel_diff_vs_chosen"] < 1e-2 for r in rows)
