@@ -17,7 +17,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"[fast-xlstm] serve needs the serve extra (pip install 'fast-xlstm[serve]'): {exc}", file=sys.stderr)
         return 2
+    import torch
+
     from ..llm import LLM
+    from ..loading import default_device
     from .config import ServerConfig
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -27,9 +30,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_request_bytes=args.max_request_bytes, max_n=args.max_n)
     # The offline `LLM` builds the model exactly as `LLM(model).generate` does (same seed for a
     # preset's random weights), so the server's outputs equal offline ones.
+    compile_ = args.compile if args.compile is not None else torch.device(args.device or default_device()).type == "cuda"
     llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype, device=args.device,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              use_cuda_graph=False if args.no_cuda_graph else None, compile_decode=args.compile, compile_prefill=args.compile,
+              use_cuda_graph=False if args.no_cuda_graph else None, compile_decode=compile_, compile_prefill=compile_,
               max_graph_prefill_tokens=args.max_graph_prefill_tokens, enable_prefix_cache=not args.no_prefix_cache, prefix_block=args.prefix_block,
               cache_device_bytes=int(args.prefix_cache_gb * 2**30),
               cache_host_bytes=int(args.prefix_cache_host_gb * 2**30),
@@ -79,7 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cuda-graph", action="store_true", help="eager decode on CUDA (debugging)")
     p.add_argument("--max-graph-prefill-tokens", type=int, default=2048,
                    help="prefills of up to this many tokens (of up to 8 prompts) replay CUDA graphs (0 = never)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step and prefill regions (slower start)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step and prefill regions: the fast path, ~1 min more start-up "
+                        "on a cold cache (default: on for CUDA, off on CPU)")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prompt-prefix state cache off")
     p.add_argument("--prefix-block", type=int, default=512, help="prefix-cache snapshot interval in tokens")
     p.add_argument("--prefix-cache-gb", type=float, default=4.0, help="prefix-cache snapshots kept on the device")
