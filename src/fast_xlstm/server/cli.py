@@ -30,7 +30,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_request_bytes=args.max_request_bytes, max_n=args.max_n)
     # The offline `LLM` builds the model exactly as `LLM(model).generate` does (same seed for a
     # preset's random weights), so the server's outputs equal offline ones.
-    compile_ = args.compile if args.compile is not None else torch.device(args.device or default_device()).type == "cuda"
+    compile_ = args.compile  # None: compiled on CUDA (the measured fast path), eager on CPU
+    if compile_ is None:
+        compile_ = torch.device(args.device or default_device()).type == "cuda"
     llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype, device=args.device,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               use_cuda_graph=False if args.no_cuda_graph else None, compile_decode=compile_, compile_prefill=compile_,
