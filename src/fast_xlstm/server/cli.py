@@ -29,7 +29,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
                           max_request_bytes=args.max_request_bytes, max_n=args.max_n)
     # The offline `LLM` builds the model exactly as `LLM(model).generate` does (same seed for a
-    # preset's random weights), so the server's outputs equal offline ones.
+    # preset's random weights), so the server's outputs equal offline ones run with the same compile
+    # setting (`LLM(..., compile_decode=True, compile_prefill=True)` for a compiled server).
     compile_ = args.compile  # None: compiled on CUDA (the measured fast path), eager on CPU
     if compile_ is None:
         compile_ = torch.device(args.device or default_device()).type == "cuda"
