@@ -57,9 +57,10 @@ def compile_block_steps(model: XLSTMForCausalLM, mode: str | None = None, batch1
 
     batch1_mode: another mode for steps of one row. Dynamo compiles the first batch size it sees for
     that static shape and every later one as one dynamic-shape graph, so one-row steps always have a
-    graph of their own, and tuning it costs nothing at other sizes. Max-autotune there benchmarks
-    Triton matrix-vector templates against cuBLAS for each projection: on an H100 the 7B's batch-1
-    step took 5.96 instead of 6.36 ms, while the same mode for the shared graph (tuned at one size)
+    graph of their own, and tuning it costs nothing at other sizes. Max-autotune there weighs
+    inductor's own Triton kernels against cuBLAS for each projection (at one row it took them: the
+    products run as reductions fused with the norms and activations around them); on an H100 the
+    7B's batch-1 step took 5.96 instead of 6.36 ms, while the same mode for the shared graph (tuned at one size)
     was slower at batch 64 and 256 (bench/results/h100-profile/autotune-ee2cb48)."""
     for block in model.backbone.blocks:
         if getattr(block, "_step_slots_compiled", False):
