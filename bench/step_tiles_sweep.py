@@ -1,8 +1,7 @@
 """Tiles of the decode step kernel (`ops/triton/step.py`) at the 7B head shape, per batch size.
 
 For each batch and (BK, BV, num_warps) it runs the in-place slot-pool step (`mlstm_step_slots_`, the
-one decode uses) and reports the time per launch (a CUDA graph of 20 launches, best of 5 replays of
-10) and the largest relative difference of h and the state from the tiles `_tiles` picks now (the
+one decode uses) and reports the time per launch (`triton.testing.do_bench_cudagraph`) and the largest relative difference of h and the state from the tiles `_tiles` picks now (the
 first row of each batch). The state is the same few rows every launch, so it stays in the L2 cache:
 the times are the kernel's latency, which is what limits small batches; in a decode step the weights
 in between evict it.
@@ -24,31 +23,13 @@ CONFIGS = [(64, 32, 2), (64, 32, 4), (128, 32, 4), (256, 32, 4), (256, 32, 8), (
 
 
 def time_launch(fn, device: torch.device) -> float | None:
-    """Microseconds per call of fn (None off CUDA)."""
+    """Microseconds per call of fn, replayed from a CUDA graph as bench/kernels.py times the step
+    kernel (None off CUDA)."""
     if device.type != "cuda":
         return None
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(20):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / 200)
-    return best
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50)
 
 
 def sweep(batches: list[int], NH: int, DK: int, DV: int, device: torch.device) -> list[dict]:
