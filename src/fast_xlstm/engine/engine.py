@@ -69,11 +69,11 @@ class LLMEngine:
         next step instead of leaving it idle. A request that finishes is seen one step late: the
         step already launched computes one token for it that is dropped.
 
-        mixed_steps: a step with both prefill and decode runs them as one forward when the prefill
-        fits a graph bucket (`ModelRunner.mixed_layout`; larger prefills run apart, where the
-        decode's share is small): the GEMMs read the weights once for both, the decoding requests
-        take the decode step's kernel, fed their last sampled token on the device (so the step
-        launches before the previous one is read). The tokens are the same as apart.
+        mixed_steps: a step with both prefill and decode runs them as one forward (`ModelRunner.can_mix`):
+        a CUDA graph when the prefill fits a graph bucket, else the eager in-pool forward. The GEMMs
+        read the weights once for both, the decoding requests take the decode step's kernel, fed
+        their last sampled token on the device (so the step launches before the previous one is
+        read), and the decode skips a step of its own. The tokens are the same as apart.
 
         batch1_compile_mode: how a compiled decode step of one request is compiled (`ModelRunner`):
         "auto" autotunes its GEMMs on CUDA (7B on an H100: 5% faster at batch 1, 25 s more cold start-up).
@@ -216,8 +216,8 @@ class LLMEngine:
 
     def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
         emitted: dict[str, RequestOutput] = {}
-        if self.mixed_steps and sched.prefill and sched.decode and self.runner.mixed_layout(
-                len(sched.decode), [c.end - c.start for c in sched.prefill]) is not None:
+        if self.mixed_steps and sched.prefill and sched.decode and self.runner.can_mix(
+                len(sched.decode), [c.end - c.start for c in sched.prefill]):
             self._mixed_step(sched, emitted)
             return list(emitted.values())
         # Decode first: the requests that were running before this step's prefill.

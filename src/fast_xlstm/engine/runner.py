@@ -312,10 +312,12 @@ class ModelRunner:
         dec = [j for j, p in enumerate(pieces) if p is None]
         pre = [j for j, p in enumerate(pieces) if p is not None]
         mixed = self.mixed_layout(len(dec), [lengths[j] for j in pre])
-        layout = None if mixed is not None else self._planned_layout(lengths)
-        if mixed is not None:
-            logits = self._prefill_planned(mixed, [slots[j] for j in pre], [pieces[j] for j in pre],
-                                           dec_slots=[slots[j] for j in dec])
+        mixed_in_pool = mixed is None and self._mixes_in_pool(len(dec), len(pre), slots)
+        layout = None if mixed is not None or mixed_in_pool else self._planned_layout(lengths)
+        if mixed is not None or mixed_in_pool:
+            pre_slots, pre_pieces, dec_slots = [slots[j] for j in pre], [pieces[j] for j in pre], [slots[j] for j in dec]
+            logits = (self._prefill_planned(mixed, pre_slots, pre_pieces, dec_slots=dec_slots) if mixed is not None
+                      else self._prefill_in_pool(pre_slots, pre_pieces, dec_slots=dec_slots))
             if dec[-1] > pre[0]:  # rows come decode first: back to the pieces' order
                 order = dec + pre
                 inverse = [0] * len(order)
@@ -365,11 +367,14 @@ class ModelRunner:
         self.pool.write(slots, state)
         return logits
 
-    def _prefill_in_pool(self, slots: list[int], pieces: list[list[int] | None]) -> torch.Tensor:
+    def _prefill_in_pool(self, slots: list[int], pieces: list[list[int] | None], dec_slots: list[int] = ()
+                         ) -> torch.Tensor:
         """Eager device-table prefill sized to these pieces: the kernels read each slot's state from its
         pool row and write the final state back, so the pool is never copied (the grouped path copies
         134 MB per 7B sequence out and back, and splits large packs into several forwards).
-        Returns logits [len(slots), V] at the pieces' last positions."""
+        With `dec_slots`, a mixed step: those slots decode their last sampled token in the same forward
+        (the decode step's kernel on their rows). Returns logits [len(dec_slots) + len(slots), V]: the
+        decode rows', then the pieces' last positions'."""
         tri = ops.triton_module()
         lengths = _piece_lengths(pieces)
         T, N = sum(lengths), len(pieces)
@@ -378,7 +383,23 @@ class ModelRunner:
         layout = tri.PackedLayout(N, T, L)
         buf = device_ints(_plan_buffer_values(layout, slots, pieces), self.device)
         self._feed_last_tokens(buf[:T], pieces, slots)
-        return self._forward_planned(layout, buf)
+        if not dec_slots:
+            return self._forward_planned(layout, buf)
+        return self._forward_planned(layout, buf, device_ints(list(dec_slots), self.device).to(torch.int32))
+
+    def _mixes_in_pool(self, decode: int, pieces: int, slots: list[int]) -> bool:
+        """Whether a step of `decode` decoding rows and `pieces` prompt pieces too large for a graph
+        bucket runs as one eager forward on the pool rows (the weights read once for both; the
+        decode rows skip a forward of their own). Decode rows are bounded like a decode step's batch."""
+        return (decode >= 1 and pieces >= 1 and self.prefill_in_pool and decode <= self.buckets[-1]
+                and len(set(slots)) == len(slots))
+
+    def can_mix(self, decode: int, lengths: list[int]) -> bool:
+        """Whether `decode` decoding rows (on distinct slots) and prompt pieces of `lengths` run as one
+        forward: a mixed CUDA graph (`mixed_layout`) or, for larger pieces, the eager in-pool forward."""
+        return bool(lengths) and min(lengths) >= 1 and (
+            self.mixed_layout(decode, lengths) is not None
+            or self._mixes_in_pool(decode, len(lengths), list(range(decode + len(lengths)))))
 
     def mixed_layout(self, decode: int, lengths: list[int]) -> "PackedLayout | None":
         """The prefill layout of a mixed step: `decode` decoding rows and prompt pieces of `lengths`

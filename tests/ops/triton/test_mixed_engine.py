@@ -15,20 +15,27 @@ from streamutil import streamed_deltas
 PROMPTS = ["Once upon a time", "The river", "A", "hello there, how are you?", "x y z"]
 
 
+@pytest.mark.parametrize("graph_prefill", [True, False], ids=["graph-buckets", "in-pool"])
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0, max_tokens=8),
     SamplingParams(temperature=0.8, seed=4, max_tokens=6, repetition_penalty=1.2, logprobs=2),
 ], ids=["greedy", "sampled-penalised-logprobs"])
-def test_mixed_steps_equal_eager_generate(device, async_scheduling, params):
+def test_mixed_steps_equal_eager_generate(device, async_scheduling, params, graph_prefill):
     # 3 slots for 5 prompts, 6-token step budget: prompts are prefilled in pieces while others decode.
+    # Without graph buckets (max_graph_prefill_tokens=0) every mixed step is the eager in-pool forward,
+    # the path of prompt packs too large for a bucket.
     llm = LLM("xlstm-tiny", device=device, dtype="float32", max_num_seqs=3, max_num_batched_tokens=6,
-              mixed_steps=True, async_scheduling=async_scheduling)
-    assert llm.engine.runner.planned_prefill
+              mixed_steps=True, async_scheduling=async_scheduling,
+              max_graph_prefill_tokens=2048 if graph_prefill else 0)
+    assert llm.engine.runner.planned_prefill == graph_prefill and llm.engine.runner.prefill_in_pool
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     ref = generate(llm.model, llm.tokenizer, PROMPTS, params)
     assert llm.engine.stats["mixed_steps"] > 0
-    assert any(key[0] for key in llm.engine.runner._planned), "no mixed-step layout ran"
+    if graph_prefill:
+        assert any(key[0] for key in llm.engine.runner._planned), "no mixed-step layout ran"
+    else:
+        assert not llm.engine.runner._planned, "a graph bucket ran"
     for o, r in zip(outs, ref):
         assert o.token_ids == r.token_ids and o.finish_reason == r.finish_reason
         if params.logprobs is not None:
