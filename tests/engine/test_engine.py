@@ -205,6 +205,29 @@ def test_step_log_records_every_step(tmp_path):
     assert sum(r["admitted"] for r in rows) == 3 and max(r["running"] for r in rows) == 2
     assert all(r["prefill_tokens"] + r["decode"] <= 8 or r["prefill_seqs"] == 1 for r in rows)  # the step budget
     assert all(r["ms"] > 0 for r in rows) and rows[-1]["running"] == rows[-1]["waiting"] == 0
+    assert all(r["gc_ms"] >= 0 for r in rows)
+
+
+def test_step_log_counts_garbage_collection_time(tmp_path):
+    """A collection during a step shows up in that step's gc_ms (the step-log field that tells a slow
+    step from a collection pause)."""
+    import gc
+    log = tmp_path / "steps.jsonl"
+    llm = LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=2, step_log=log)
+    junk = [[i] for i in range(300_000)]  # many tracked objects: a full collection takes milliseconds
+    llm.engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=2))
+    real_step = llm.engine.scheduler.schedule
+
+    def schedule_and_collect():
+        gc.collect()
+        return real_step()
+
+    llm.engine.scheduler.schedule = schedule_and_collect
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    del junk
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows and all(r["gc_ms"] > 0.5 for r in rows)
 
 
 def test_engine_warm_up_then_same_outputs_and_free_slots():

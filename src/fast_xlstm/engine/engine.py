@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import json
 import time
@@ -21,6 +22,34 @@ from .request import Request, RequestStatus
 from .runner import DecodeMode, ModelRunner, PendingDecode, StepResult
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
 from .state_cache import Session, StateCache, prefix_keys
+
+
+class _GcClock:
+    """Cumulative seconds this process has spent in the cyclic garbage collector (`gc.callbacks`);
+    the step log records each step's share, so a slow step can be told from a collection."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start: float | None = None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+
+_GC_CLOCK: _GcClock | None = None
+
+
+def gc_clock() -> _GcClock:
+    """The process's one `_GcClock`, registered on first use."""
+    global _GC_CLOCK
+    if _GC_CLOCK is None:
+        _GC_CLOCK = _GcClock()
+        gc.callbacks.append(_GC_CLOCK)
+    return _GC_CLOCK
 
 
 @dataclass
@@ -62,7 +91,8 @@ class LLMEngine:
                  step_log: str | Path | None = None, async_scheduling: bool = False, mixed_steps: bool = False,
                  batch1_compile_mode: str | None = "auto"):
         """step_log: a file that gets one JSON line per step (wall time, milliseconds, decode rows,
-        prefill sequences and tokens, requests admitted, running and waiting): how a load unfolds.
+        prefill sequences and tokens, requests admitted, running and waiting, and the milliseconds
+        the process spent in garbage collection since the previous line): how a load unfolds.
 
         async_scheduling: each step launches its decode before reading the previous step's tokens,
         so the host's per-token work (detokenizing, stop checks, streaming) overlaps the device's
@@ -80,6 +110,8 @@ class LLMEngine:
         """
         self.model, self.tokenizer = model, tokenizer
         self.step_log = None if step_log is None else open(step_log, "a", buffering=1)
+        self._gc_clock = gc_clock() if step_log is not None else None
+        self._gc_logged = self._gc_clock.seconds if self._gc_clock is not None else 0.0
         self.async_scheduling = async_scheduling
         self.mixed_steps = mixed_steps
         self._inflight: tuple[list[Request], PendingDecode] | None = None  # launched, not yet read
@@ -207,11 +239,12 @@ class LLMEngine:
         self.stats["steps"] += 1
         self.stats["step_time"] += seconds
         if self.step_log is not None:
+            gc_seconds, self._gc_logged = self._gc_clock.seconds - self._gc_logged, self._gc_clock.seconds
             self.step_log.write(json.dumps({
                 "time": time.time(), "ms": round(1e3 * seconds, 3), "decode": len(sched.decode),
                 "prefill_seqs": len(sched.prefill), "prefill_tokens": sum(c.end - c.start for c in sched.prefill),
                 "admitted": len(sched.newly_admitted), "running": len(self.scheduler.running),
-                "waiting": len(self.scheduler.waiting)}) + "\n")
+                "waiting": len(self.scheduler.waiting), "gc_ms": round(1e3 * gc_seconds, 3)}) + "\n")
         return outputs
 
     def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
