@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import sys
 
 import pytest
 
@@ -50,27 +49,3 @@ def test_serve_compiles_by_default_only_on_cuda(monkeypatch, flags, compiled):
         gc.unfreeze()
     assert seen["compiled"] == [compiled] * len(seen["compiled"]) and seen["compiled"]
 
-
-@pytest.mark.parametrize("flags,seconds", [([], 0.0005), (["--switch-interval-ms", "2"], 0.002)],
-                         ids=["default", "set"])
-def test_serve_sets_the_thread_switch_interval(monkeypatch, flags, seconds):
-    """The engine thread waits at most the switch interval for the GIL that the event loop holds while
-    streaming: serve sets it (0.5 ms unless told) before uvicorn starts."""
-    import uvicorn
-
-    seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("interval", sys.getswitchinterval()))
-    before = sys.getswitchinterval()
-    try:
-        assert main(["serve", "--model", "xlstm-tiny", "--device", "cpu", "--no-warmup", "--port", "0", *flags]) == 0
-    finally:
-        gc.unfreeze()
-        sys.setswitchinterval(before)
-    assert seen["interval"] == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("value", ["0", "-1", "fast"])
-def test_serve_rejects_a_bad_switch_interval(capsys, value):
-    with pytest.raises(SystemExit) as exc:
-        main(["serve", "--model", "xlstm-tiny", "--device", "cpu", "--switch-interval-ms", value])
-    assert exc.value.code == 2 and "--switch-interval-ms" in capsys.readouterr().err

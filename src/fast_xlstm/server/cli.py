@@ -56,20 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # that the engine thread's steps need.
     gc.collect()
     gc.freeze()
-    # The engine thread and the event loop share the GIL. A thread that wants it back (the engine,
-    # after each wait on the device) gets it only when the holder yields or the switch interval
-    # expires: Python's 5 ms, several times a step while the loop streams hundreds of chunks.
-    sys.setswitchinterval(args.switch_interval_ms / 1e3)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -118,9 +107,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="before serving, capture the decode graphs and graph prefills and compile the kernels "
                         "that the first requests would otherwise wait for (default on)")
-    p.add_argument("--switch-interval-ms", type=_positive_float, default=0.5,
-                   help="the interpreter's thread switch interval (sys.setswitchinterval): how long the engine "
-                        "thread may wait for the GIL while the event loop streams (Python's default: 5)")
     p.add_argument("--step-log", default=None, metavar="FILE",
                    help="append one JSON line per engine step (timing and batch composition) to FILE")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
