@@ -87,19 +87,14 @@ class MLSTMLayer(nn.Module):
     def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """u [..., d] -> q, k [..., qk], v, o [..., v], i, f [..., NH] (gates soft-capped, fp32)."""
         if self.fused:
-            qkvo, gates = self._project_packed(u)
-            q, k, v, o = qkvo.split([self.qk_dim, self.qk_dim, self.v_dim, self.v_dim], dim=-1)
-            i, f = gates.split(self.num_heads, dim=-1)
+            q, k, v, o = self.qkv_opreact(u).split([self.qk_dim, self.qk_dim, self.v_dim, self.v_dim], dim=-1)
+            w = self.ifgate_preact
+            i, f = soft_cap(_linear_fp32(u, w), self.gate_soft_cap).split(self.num_heads, dim=-1)
         else:
             q, k, v, o = self.q(u), self.k(u), self.v(u), self.ogate_preact(u)
             i = soft_cap(_linear_fp32(u, self.igate_preact), self.gate_soft_cap)
             f = soft_cap(_linear_fp32(u, self.fgate_preact), self.gate_soft_cap)
         return q, k, v, o, i, f
-
-    def _project_packed(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused layers only: u [..., d] -> qkvo [..., 2*qk + 2*v] (q | k | v | o) and gates [..., 2*NH]
-        (i | f, soft-capped, fp32)."""
-        return self.qkv_opreact(u), soft_cap(_linear_fp32(u, self.ifgate_preact), self.gate_soft_cap)
 
     def _output(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """h [..., NH, DV] cell output, o [..., v] gate pre-activation -> [..., d].
@@ -156,11 +151,6 @@ class MLSTMLayer(nn.Module):
     def step_slots(self, u: torch.Tensor, pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
         """One decode step on state-pool rows: u [B, d] -> y [B, d]; pool rows `slots` (-1 = skip)
         are updated in place, so the step can run inside a CUDA graph on static buffers."""
-        if self.fused:  # q | k | v and i | f reach the cell as two tensors: two buffers when compiled, not five
-            qkvo, gates = self._project_packed(u)
-            qkv = 2 * self.qk_dim + self.v_dim
-            h = ops.mlstm_step_slots_packed_(qkvo[:, :qkv], gates, *pool, slots, eps=self.eps)
-            return self._output(h, qkvo[:, qkv:])
         q, k, v, o, i, f = self._project(u)
         return self._output(self.cell_slots(q, k, v, i, f, pool, slots), o)
 

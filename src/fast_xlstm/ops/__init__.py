@@ -1,6 +1,6 @@
 """mLSTM cell ops: one dispatch point for every implementation.
 
-The model calls `mlstm_chunkwise`, `mlstm_step`, `mlstm_step_slots_` (or `mlstm_step_slots_packed_`) and, for CUDA-graph prefill,
+The model calls `mlstm_chunkwise`, `mlstm_step`, `mlstm_step_slots_` and, for CUDA-graph prefill,
 `mlstm_chunkwise_planned` (Triton only: `planned_prefill_supported` says when it is there).
 Backends register here; "auto" picks the fastest registered backend that supports the tensors'
 device (Triton on CUDA once registered, torch elsewhere). `FAST_XLSTM_BACKEND=torch|triton|auto`
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # importing triton is slow and optional
 
 __all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "mlstm_quadratic",
            "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
-           "available_backends", "mlstm_step_slots_", "mlstm_step_slots_packed_", "mlstm_step_slots_torch_", "mlstm_chunkwise_planned",
+           "available_backends", "mlstm_step_slots_", "mlstm_step_slots_torch_", "mlstm_chunkwise_planned",
            "planned_prefill_supported", "triton_module", "gate_projection", "head_norm_gate",
            "head_norm_gate_supported"]
 
@@ -42,7 +42,6 @@ class Backend:
     supports: Callable[[torch.Tensor], bool]
     priority: int = 0
     step_slots: Callable[..., torch.Tensor] | None = None  # in-place pool step; None = the torch twin
-    step_slots_packed: Callable[..., torch.Tensor] | None = None  # the same from packed qkv / gates; None = split
 
 
 _BACKENDS: dict[str, Backend] = {
@@ -86,8 +85,7 @@ try:
     if importlib.util.find_spec("triton") is not None:  # finds the package without importing it
         _BACKENDS["triton"] = Backend("triton", lambda *a, **kw: _triton().mlstm_chunkwise_triton(*a, **kw),
                                       lambda *a, **kw: _triton().mlstm_step_triton(*a, **kw), _triton_supports,
-                                      priority=10, step_slots=lambda *a, **kw: _triton().mlstm_step_slots_(*a, **kw),
-                                      step_slots_packed=lambda *a, **kw: _triton().mlstm_step_slots_packed_(*a, **kw))
+                                      priority=10, step_slots=lambda *a, **kw: _triton().mlstm_step_slots_(*a, **kw))
 except Exception as e:  # pragma: no cover - a broken install must not break the torch path
     log.debug("not registering the Triton mLSTM backend: %r", e)
 
@@ -198,19 +196,3 @@ def mlstm_chunkwise_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         raise RuntimeError("the planned (device-table) prefill needs the Triton kernels, which are unavailable")
     return mod.mlstm_chunkwise_planned(q, k, v, i, f, initial_state, plan, eps=eps, state_rows=state_rows,
                                        final_to_pool=final_to_pool)
-
-
-def mlstm_step_slots_packed_(qkv: torch.Tensor, gates: torch.Tensor, C: torch.Tensor, n: torch.Tensor,
-                             m: torch.Tensor, slots: torch.Tensor, *, eps: float = 1e-6,
-                             backend: str | None = None) -> torch.Tensor:
-    """`mlstm_step_slots_` with qkv [B, NH*(2*DK + DV)] = q | k | v and gates [B, 2*NH] = i | f (rows
-    of a fused projection's output); NH, DK, DV come from the pool C [P, NH, DK, DV]. Returns h
-    [B, NH, DV]. Backends without a packed form get the split views."""
-    impl = resolve_backend(qkv, backend)
-    if impl.step_slots_packed is not None:
-        return impl.step_slots_packed(qkv, gates, C, n, m, slots, eps=eps)
-    B, (_, NH, DK, DV) = qkv.shape[0], C.shape
-    q, k, v = qkv.split([NH * DK, NH * DK, NH * DV], dim=-1)
-    i, f = gates.split(NH, dim=-1)
-    return (impl.step_slots or mlstm_step_slots_torch_)(q.reshape(B, NH, DK), k.reshape(B, NH, DK),
-                                                        v.reshape(B, NH, DV), i, f, C, n, m, slots, eps=eps)

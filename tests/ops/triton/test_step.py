@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from fast_xlstm.ops import mlstm_step, mlstm_step_torch
-from fast_xlstm.ops.triton import mlstm_chunkwise_triton, mlstm_step_slots_, mlstm_step_slots_packed_, mlstm_step_triton
+from fast_xlstm.ops.triton import mlstm_chunkwise_triton, mlstm_step_slots_, mlstm_step_triton
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # fp32: elementwise fp32 math; bf16: rounding of h / state
 DIMS = [(16, 32), (48, 80)]  # the second needs masked DK tiles and several DV tiles (shared n, m)
@@ -105,74 +105,6 @@ def test_slot_pool_reads_row_views_of_a_fused_projection(device, seed, make_inpu
     assert pools[0][0][4].abs().sum() > 0 and not torch.isnan(h_views).any()
 
 
-def _packed(x, extra_cols):
-    """q | k | v of step inputs x as one [B, width + extra_cols] tensor's leading columns (a fused
-    projection's output, o after them) and i | f as [B, 2*NH] fp32."""
-    B = x[0].shape[0]
-    fused = torch.cat([*(t.reshape(B, -1) for t in x[:3]), torch.randn(B, extra_cols, dtype=x[0].dtype,
-                                                                        device=x[0].device)], 1)
-    return fused[:, :fused.shape[1] - extra_cols], torch.cat([x[3], x[4]], 1).float()
-
-
-@pytest.mark.parametrize("B,NH,DK,DV", [(3, 2, 16, 32), (1, 8, 256, 512)], ids=["small", "7b-heads-b1"])
-def test_packed_step_equals_separate_tensors(B, NH, DK, DV, device, seed, make_inputs, random_state):
-    """q | k | v and i | f passed as two tensors (row views of a fused projection) give exactly what
-    the five separate tensors give, h and the pool rows alike; skipped rows stay untouched."""
-    P = B + 2
-    slots = torch.randperm(P, dtype=torch.int32)[:B].to(device)
-    if B > 1:
-        slots[1] = -1
-    x = _step_inputs(make_inputs, B, NH, DK, DV, torch.bfloat16, seed, device)
-    x[3], x[4] = x[3].float(), x[4].float()
-    qkv, gates = _packed(x, extra_cols=NH * DV)
-    assert qkv.stride(0) == qkv.shape[1] + NH * DV  # row views, as the fused projection gives them
-    pools = [[t.to(device).contiguous() for t in random_state(P, NH, DK, DV, seed=seed + 1)] for _ in range(2)]
-    untouched = [t.clone() for t in pools[0]]
-    h_packed = mlstm_step_slots_packed_(qkv, gates, *pools[0], slots)
-    h_split = mlstm_step_slots_(*x, *pools[1], slots)
-    assert h_packed.shape == (B, NH, DV) and not torch.isnan(h_packed).any() and h_packed.abs().sum() > 0
-    assert torch.equal(h_packed, h_split)
-    assert all(torch.equal(a, b) for a, b in zip(*pools))
-    live = slots[slots >= 0].long()
-    assert not torch.equal(pools[0][0][live], untouched[0][live])
-    rest = torch.ones(P, dtype=torch.bool, device=device)
-    rest[live] = False
-    assert all(torch.equal(a[rest], b[rest]) for a, b in zip(pools[0], untouched))
-
-
-def test_packed_step_through_the_dispatch_and_its_torch_twin(device, seed, make_inputs, random_state,
-                                                             no_backend_env):
-    """`ops.mlstm_step_slots_packed_` routes to the packed kernel where Triton runs and to the torch
-    twin on split views elsewhere: both agree with the kernel on separate tensors."""
-    from fast_xlstm import ops
-    B, NH, DK, DV, P = 2, 2, 16, 32, 4
-    slots = torch.tensor([3, 0], dtype=torch.int32, device=device)
-    x = _step_inputs(make_inputs, B, NH, DK, DV, torch.float32, seed, device)
-    qkv, gates = _packed(x, extra_cols=5)
-    pools = [[t.to(device).contiguous() for t in random_state(P, NH, DK, DV, seed=seed)] for _ in range(3)]
-    assert ops.resolve_backend(qkv).step_slots_packed is not None
-    h = ops.mlstm_step_slots_packed_(qkv, gates, *pools[0], slots)
-    h_torch = ops.mlstm_step_slots_packed_(qkv, gates, *pools[1], slots, backend="torch")
-    h_ref = mlstm_step_slots_(*x, *pools[2], slots)
-    assert torch.equal(h, h_ref) and torch.allclose(h_torch, h_ref, rtol=1e-5, atol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(pools[1], pools[2]))
-
-
-def test_packed_step_rejects_bad_input(device, random_state):
-    NH, DK, DV = 2, 16, 8
-    pool = [t.to(device).contiguous() for t in random_state(3, NH, DK, DV, seed=0)]
-    slots = torch.tensor([0, 1], dtype=torch.int32, device=device)
-    gates = torch.randn(2, 2 * NH, device=device)
-    with pytest.raises(ValueError, match=r"qkv must be \[B, 80\]"):
-        mlstm_step_slots_packed_(torch.randn(2, 79, device=device), gates, *pool, slots)
-    with pytest.raises(ValueError, match=r"qkv must be .*contiguous rows"):
-        mlstm_step_slots_packed_(torch.randn(80, 2, device=device).t(), gates, *pool, slots)
-    with pytest.raises(ValueError, match=r"gates must be \[2, 4\]"):
-        mlstm_step_slots_packed_(torch.randn(2, 80, device=device), gates[:, :3], *pool, slots)
-    with pytest.raises(ValueError, match=r"slots must be an int32 tensor of shape \[2\]"):
-        mlstm_step_slots_packed_(torch.randn(2, 80, device=device), gates, *pool, slots[:1])
-
-
 def test_prefill_then_step_equals_longer_prefill(device, seed, make_inputs, rel_err, state_err):
     B, NH, S, DK, DV = 2, 2, 40, 16, 32
     x = [t.to(device) for t in make_inputs(B, NH, S + 1, DK, DV, torch.float32, seed=seed)]
@@ -204,9 +136,6 @@ def test_step_custom_op_registrations(device, seed, make_inputs, random_state):
     slots = torch.tensor([2, -1], dtype=torch.int32, device=device)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.fast_xlstm.mlstm_step_slots_.default, (*x, C, n, m, slots, 1e-6), test_utils=tests)
-    qkv, gates = _packed(x, extra_cols=3)
-    torch.library.opcheck(torch.ops.fast_xlstm.mlstm_step_slots_packed_.default, (qkv, gates, C, n, m, slots, 1e-6),
-                          test_utils=tests)
     torch.library.opcheck(torch.ops.fast_xlstm.mlstm_step.default, (*x, C[:2], n[:2], m[:2], 1e-6), test_utils=tests)
     torch.library.opcheck(torch.ops.fast_xlstm.mlstm_step.default, (*x, None, None, None, 1e-6), test_utils=tests)
 

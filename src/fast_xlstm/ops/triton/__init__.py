@@ -6,7 +6,6 @@ lazily as backend "triton", so `import fast_xlstm.ops` never needs triton.
   mlstm_chunkwise_triton  chunkwise prefill/training forward + backward (custom ops, autograd)
   mlstm_step_triton       fused decode step, functional
   mlstm_step_slots_       fused decode step on a state-slot pool, in place
-  mlstm_step_slots_packed_ the same with q|k|v and i|f each passed as one tensor (a fused projection's)
   mlstm_chunkwise_planned packed inference forward from device-side tables (CUDA-graph capturable)
   gate_projection_triton  the fp32 i/f gate projection of a long prefill, one memory-bound kernel
   head_norm_gate_triton   the layer's per-head output norm and output gate over a prefill, one pass
@@ -19,9 +18,8 @@ from .autograd import inference_chunk_len, mlstm_chunkwise_triton
 from .gate_projection import gate_projection_triton
 from .norm_gate import head_norm_gate_triton
 from .planned import PackedLayout, PackedPlan, mlstm_chunkwise_planned, padded_rows, plan_values
-from .step import mlstm_step_slots_, mlstm_step_slots_packed_, mlstm_step_triton
+from .step import mlstm_step_slots_, mlstm_step_triton
 
-__all__ = ["mlstm_chunkwise_triton", "mlstm_step_triton", "mlstm_step_slots_", "mlstm_step_slots_packed_",
-           "mlstm_chunkwise_planned",
+__all__ = ["mlstm_chunkwise_triton", "mlstm_step_triton", "mlstm_step_slots_", "mlstm_chunkwise_planned",
            "PackedLayout", "PackedPlan", "plan_values", "padded_rows", "device_ints",
            "inference_chunk_len", "gate_projection_triton", "head_norm_gate_triton"]

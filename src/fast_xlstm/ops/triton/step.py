@@ -206,23 +206,6 @@ def _(q, k, v, i, f, C_pool, n_pool, m_pool, slots, eps):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
-@torch.library.custom_op("fast_xlstm::mlstm_step_slots_packed_", mutates_args=("C_pool", "n_pool", "m_pool"))
-def _step_slots_packed_op(qkv: Tensor, gates: Tensor, C_pool: Tensor, n_pool: Tensor, m_pool: Tensor,
-                          slots: Tensor, eps: float) -> Tensor:
-    B, (_, NH, DK, DV) = qkv.shape[0], C_pool.shape
-    q, k, v = qkv.split([NH * DK, NH * DK, NH * DV], dim=-1)  # row views: the kernel reads them in place
-    i, f = gates.split(NH, dim=-1)
-    h = torch.empty(B, NH, DV, dtype=qkv.dtype, device=qkv.device)
-    _launch(q.view(B, NH, DK), k.view(B, NH, DK), v.view(B, NH, DV), i, f, C_pool, n_pool, m_pool, C_pool, n_pool,
-            m_pool, slots.contiguous(), _counters(B * NH, qkv.device), h, True, True, eps)
-    return h
-
-
-@_step_slots_packed_op.register_fake
-def _(qkv, gates, C_pool, n_pool, m_pool, slots, eps):
-    return qkv.new_empty(qkv.shape[0], C_pool.shape[1], C_pool.shape[3])
-
-
 def mlstm_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
                       state: MLSTMState | None = None, *, eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
     """One recurrent step, functional (same contract as `reference.mlstm_step_torch`).
@@ -260,28 +243,3 @@ def mlstm_step_slots_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torc
     if slots.shape != (B,) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be an int32 tensor of shape [{B}], got {slots.dtype} {tuple(slots.shape)}")
     return _step_slots_op(q, k, v, i, f, C_pool, n_pool, m_pool, slots, eps)
-
-
-def mlstm_step_slots_packed_(qkv: torch.Tensor, gates: torch.Tensor, C_pool: torch.Tensor, n_pool: torch.Tensor,
-                             m_pool: torch.Tensor, slots: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
-    """`mlstm_step_slots_` with q | k | v as one tensor qkv [B, NH*(2*DK + DV)] (each row contiguous,
-    any row stride: e.g. a fused projection's output) and i | f as gates [B, 2*NH].
-
-    Compiled, each tensor argument of a custom op is a buffer inductor must materialize: from a
-    projection computed as an fp32 reduction (max-autotune at one row) that is one cast kernel for
-    qkv instead of one per q, k and v. Shapes otherwise as `mlstm_step_slots_`; NH, DK, DV come from
-    the pool."""
-    P, NH, DK, DV = C_pool.shape
-    B = qkv.shape[0]
-    if qkv.ndim != 2 or qkv.shape[1] != NH * (2 * DK + DV) or qkv.stride(1) != 1:
-        raise ValueError(f"qkv must be [B, {NH * (2 * DK + DV)}] with contiguous rows (pool NH={NH}, DK={DK}, "
-                         f"DV={DV}), got {tuple(qkv.shape)} strides {qkv.stride()}")
-    if gates.shape != (B, 2 * NH) or gates.stride(1) != 1:
-        raise ValueError(f"gates must be [{B}, {2 * NH}] with contiguous rows, got {tuple(gates.shape)}")
-    tl_dtype(qkv.dtype)
-    check_state((C_pool, n_pool, m_pool), P, NH, DK, DV, "state pool")
-    if not all(x.is_contiguous() for x in (C_pool, n_pool, m_pool)):
-        raise ValueError("the state pool tensors must be contiguous (they are updated in place)")
-    if slots.shape != (B,) or slots.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slots must be an int32 tensor of shape [{B}], got {slots.dtype} {tuple(slots.shape)}")
-    return _step_slots_packed_op(qkv, gates, C_pool, n_pool, m_pool, slots, eps)
