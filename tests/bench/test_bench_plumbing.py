@@ -42,3 +42,34 @@ def test_bench_sections_run_only_what_is_asked(tmp_path, capsys):
     assert "Time to first token" in md and "Prefill throughput" not in md
     assert main(["bench", "--model", "xlstm-tiny", "--quick", "--sections", "ttft,speed", "--out", str(tmp_path)]) == 2
     assert "unknown bench sections" in capsys.readouterr().err
+
+
+def test_a_point_out_of_memory_is_recorded_and_the_rest_run():
+    """A decode batch or prefill shape that runs out of memory becomes an error row; the other
+    points of the same stack are still measured (a real stack, its prefill made to fail at batch 2)."""
+    import torch
+
+    from fast_xlstm.bench.stacks import OursStack
+    from fast_xlstm.bench.suite import SuiteSizes, run_suite
+    from fast_xlstm.llm import LLM
+
+    model = LLM("xlstm-tiny", device="cpu", dtype="float32").model
+
+    class FailsAtTwo(OursStack):
+        def prefill(self, prompts):
+            if prompts.shape[0] == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated at batch 2)")
+            return super().prefill(prompts)
+
+        def forward_tokens(self, ids):
+            if ids.shape[0] == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated at batch 2)")
+            return super().forward_tokens(ids)
+
+    sizes = SuiteSizes.quick()
+    out = run_suite(lambda b: FailsAtTwo(model, max_batch=b, state_dtype=torch.float32), model,
+                    sizes, torch.float32, sections=("decode_batch", "prefill"))
+    assert [r["batch"] for r in out["decode_batch"]] == [1, 2, 4]
+    assert out["decode_batch"][1] == {"batch": 2, "error": "out of memory"}
+    assert all(r["tok_s"] > 0 for r in out["decode_batch"] if r["batch"] != 2)
+    assert out["prefill"][0] == {"batch": 2, "context": 16, "error": "out of memory"} and out["prefill"][1]["tok_s"] > 0
