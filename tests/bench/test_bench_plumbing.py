@@ -19,6 +19,7 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path):
         assert [r["batch"] for r in res["decode_batch"]] == [1, 2, 4]
         assert all(r["tok_s"] > 0 and r["gb_s"] > 0 for r in res["decode_batch"] + res["decode_after_prompt"])
         assert all(r["tok_s"] > 0 for r in res["prefill"]) and len(res["memory"]) == 2
+        assert all("warmup_peak_gb" in r and r["seconds"] > 0 for r in res["memory"])
     assert data["meta"]["commit"] and data["meta"]["parameters"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "Time to first token" in md and "ratio" in md
