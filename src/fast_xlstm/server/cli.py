@@ -98,9 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may finish after SIGINT/SIGTERM before they are aborted")
     p.add_argument("--mixed-steps", action="store_true",
-                   help="run a step's decode and a prefill that fits a graph bucket as one forward (one weight "
-                        "read for both; needs the Triton kernels); off by default: 1.02-1.32x faster steps on an "
-                        "H100, served throughput within noise")
+                   help="run a step's decode and its prefill as one forward (one weight read for both; needs the "
+                        "Triton kernels); off by default: 1.02-1.32x faster steps on an H100, served throughput "
+                        "within noise")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before reading the previous one's tokens, so the host's per-token "
                         "work overlaps the GPU (default on; --no-async-scheduling steps synchronously)")
