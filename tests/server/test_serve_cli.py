@@ -48,4 +48,3 @@ def test_serve_compiles_by_default_only_on_cuda(monkeypatch, flags, compiled):
     finally:
         gc.unfreeze()
     assert seen["compiled"] == [compiled] * len(seen["compiled"]) and seen["compiled"]
-

@@ -312,7 +312,8 @@ class ModelRunner:
         dec = [j for j, p in enumerate(pieces) if p is None]
         pre = [j for j, p in enumerate(pieces) if p is not None]
         mixed = self.mixed_layout(len(dec), [lengths[j] for j in pre])
-        mixed_in_pool = mixed is None and self._mixes_in_pool(len(dec), len(pre), slots)
+        mixed_in_pool = (mixed is None and self._mixes_in_pool(len(dec), len(pre))
+                         and len(set(slots)) == len(slots))
         layout = None if mixed is not None or mixed_in_pool else self._planned_layout(lengths)
         if mixed is not None or mixed_in_pool:
             pre_slots, pre_pieces, dec_slots = [slots[j] for j in pre], [pieces[j] for j in pre], [slots[j] for j in dec]
@@ -387,19 +388,18 @@ class ModelRunner:
             return self._forward_planned(layout, buf)
         return self._forward_planned(layout, buf, device_ints(list(dec_slots), self.device).to(torch.int32))
 
-    def _mixes_in_pool(self, decode: int, pieces: int, slots: list[int]) -> bool:
+    def _mixes_in_pool(self, decode: int, pieces: int) -> bool:
         """Whether a step of `decode` decoding rows and `pieces` prompt pieces too large for a graph
-        bucket runs as one eager forward on the pool rows (the weights read once for both; the
-        decode rows skip a forward of their own). Decode rows are bounded like a decode step's batch."""
-        return (decode >= 1 and pieces >= 1 and self.prefill_in_pool and decode <= self.buckets[-1]
-                and len(set(slots)) == len(slots))
+        bucket (all on distinct slots) runs as one eager forward on the pool rows (the weights read
+        once for both; the decode rows skip a forward of their own). Decode rows are bounded like a
+        decode step's batch."""
+        return decode >= 1 and pieces >= 1 and self.prefill_in_pool and decode <= self.buckets[-1]
 
     def can_mix(self, decode: int, lengths: list[int]) -> bool:
         """Whether `decode` decoding rows (on distinct slots) and prompt pieces of `lengths` run as one
         forward: a mixed CUDA graph (`mixed_layout`) or, for larger pieces, the eager in-pool forward."""
         return bool(lengths) and min(lengths) >= 1 and (
-            self.mixed_layout(decode, lengths) is not None
-            or self._mixes_in_pool(decode, len(lengths), list(range(decode + len(lengths)))))
+            self.mixed_layout(decode, lengths) is not None or self._mixes_in_pool(decode, len(lengths)))
 
     def mixed_layout(self, decode: int, lengths: list[int]) -> "PackedLayout | None":
         """The prefill layout of a mixed step: `decode` decoding rows and prompt pieces of `lengths`

@@ -56,3 +56,14 @@ def test_mixed_step_deltas_add_up_to_the_offline_output(device):
     assert texts == [e.text for e in expected] and ids == [e.token_ids for e in expected]
     assert lps == [pytest.approx(e.logprobs, abs=1e-5) for e in expected]
     assert state == {"running": 0, "waiting": 0, "free_slots": 2, "slots": 2, "tracked": 0}
+
+
+def test_can_mix_covers_packs_past_the_graph_buckets(device):
+    """Decode rows mix with any prompt pack the in-pool forward takes; without decode rows, without
+    pieces, or with more decode rows than the largest decode bucket, the two run apart."""
+    llm = LLM("xlstm-tiny", device=device, dtype="float32", max_num_seqs=4, max_graph_prefill_tokens=32)
+    runner = llm.engine.runner
+    assert runner.mixed_layout(2, [16]) is not None and runner.can_mix(2, [16])  # a graph bucket
+    assert runner.mixed_layout(2, [100]) is None and runner.can_mix(2, [100, 7])  # past the buckets: in-pool
+    assert not runner.can_mix(0, [100]) and not runner.can_mix(2, [])
+    assert not runner.can_mix(runner.buckets[-1] + 1, [100])
