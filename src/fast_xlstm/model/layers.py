@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """cap * tanh(x / cap): bounds gate pre-activations (cap 15) and logits (cap 30); None = identity."""
@@ -54,7 +56,8 @@ class MultiHeadLayerNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: proj_down(SiLU(proj_up_gate z) * proj_up z). `fuse()` merges the two up projections."""
+    """SwiGLU: proj_down(SiLU(proj_up_gate z) * proj_up z). `fuse()` merges the two up projections.
+    The projections go through `ops.linear` (a matrix-vector kernel for one-row decode steps)."""
 
     def __init__(self, dim: int, inner: int, bias: bool = False):
         super().__init__()
@@ -81,7 +84,7 @@ class FeedForward(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
         if self.fused:
-            gate, up = self.proj_up_gate_z(z).split(self.inner, dim=-1)
+            gate, up = ops.linear(z, self.proj_up_gate_z).split(self.inner, dim=-1)
         else:
-            gate, up = self.proj_up_gate(z), self.proj_up(z)
-        return self.proj_down(F.silu(gate) * up)
+            gate, up = ops.linear(z, self.proj_up_gate), ops.linear(z, self.proj_up)
+        return ops.linear(F.silu(gate) * up, self.proj_down)

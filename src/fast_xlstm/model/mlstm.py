@@ -87,11 +87,11 @@ class MLSTMLayer(nn.Module):
     def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """u [..., d] -> q, k [..., qk], v, o [..., v], i, f [..., NH] (gates soft-capped, fp32)."""
         if self.fused:
-            q, k, v, o = self.qkv_opreact(u).split([self.qk_dim, self.qk_dim, self.v_dim, self.v_dim], dim=-1)
+            q, k, v, o = ops.linear(u, self.qkv_opreact).split([self.qk_dim, self.qk_dim, self.v_dim, self.v_dim], dim=-1)
             w = self.ifgate_preact
             i, f = soft_cap(_linear_fp32(u, w), self.gate_soft_cap).split(self.num_heads, dim=-1)
         else:
-            q, k, v, o = self.q(u), self.k(u), self.v(u), self.ogate_preact(u)
+            q, k, v, o = (ops.linear(u, lin) for lin in (self.q, self.k, self.v, self.ogate_preact))
             i = soft_cap(_linear_fp32(u, self.igate_preact), self.gate_soft_cap)
             f = soft_cap(_linear_fp32(u, self.fgate_preact), self.gate_soft_cap)
         return q, k, v, o, i, f
@@ -105,7 +105,7 @@ class MLSTMLayer(nn.Module):
         norm = self.multihead_norm
         if h.dim() == 4 and norm.force_float32 and ops.head_norm_gate_supported(h, o, norm.weight):
             return self.out_proj(ops.head_norm_gate(h, o, norm.weight, norm.eps))
-        return self.out_proj(torch.sigmoid(o) * norm(h))
+        return ops.linear(torch.sigmoid(o) * norm(h), self.out_proj)
 
     def forward(self, u: torch.Tensor, state: MLSTMState | None = None, *,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:

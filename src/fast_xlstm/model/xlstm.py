@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import XLSTMConfig
+from .. import ops
 from ..ops import MLSTMState
 from .layers import FeedForward, RMSNorm, soft_cap
 from .mlstm import MLSTMLayer
@@ -210,7 +211,7 @@ class XLSTMForCausalLM(nn.Module):
 
     # ---- compute --------------------------------------------------------------------------------
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.backbone.out_norm(x)).float()
+        logits = ops.linear(self.backbone.out_norm(x), self.lm_head).float()
         return soft_cap(logits, self.config.output_logit_soft_cap)
 
     def head_loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ __all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "ml
            "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
            "available_backends", "mlstm_step_slots_", "mlstm_step_slots_torch_", "mlstm_chunkwise_planned",
            "planned_prefill_supported", "triton_module", "gate_projection", "head_norm_gate",
-           "head_norm_gate_supported"]
+           "head_norm_gate_supported", "linear"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,19 @@ def gate_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     if not _needs_grad(x, weight, bias) and x.dtype == torch.bfloat16 and resolve_backend(x).name == "triton":
         return _triton().gate_projection_triton(x, weight, bias)
     return torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+
+
+def linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
+    """lin(x), x [..., K] -> [..., N]. One row (a batch-1 decode step) of 16-bit x where the Triton
+    kernels run and no gradient is needed goes to the matrix-vector kernel (`triton.row_linear`,
+    more weight bytes in flight than a GEMM at one row); anything else calls the module, so its hooks
+    (tensor or data parallel wrappers) still run. Under torch.compile the row test is on shapes only:
+    dynamo specializes a batch of 1, so a dynamic-shape graph takes the module without a guard."""
+    w = lin.weight
+    if (x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+            and w.is_contiguous() and not _needs_grad(x, w) and resolve_backend(x).name == "triton"):
+        return _triton().row_linear_triton(x, w, lin.bias)
+    return lin(x)
 
 
 def head_norm_gate_supported(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor) -> bool:
