@@ -3,9 +3,9 @@
 At batch 1 a decode step streams the 7B's weights once (13.3 GB), so each projection is bound by how
 many bytes its kernel keeps in flight. Each program here owns BN weight rows and walks K in BK-wide
 tiles, multiply-adding on the CUDA cores into a [BN, BK] fp32 accumulator that is summed once at the
-end. On an H100 the 7B's projections of one step ran at 2.89 TB/s against cuBLAS's 2.66 (4.61 vs
-5.00 ms, all 32 blocks and the head replayed as one CUDA graph); a tensor-core form of the same tiles
-(x as column 0 of a [BK, 16] operand, loads pipelined) was slower on every shape
+end. On an H100 the 7B's projections of one step, all 32 blocks and the head replayed as one CUDA
+graph, took 4.55 ms (2.93 TB/s) against cuBLAS's 5.05 (2.64 TB/s); a tensor-core form of the same
+tiles (x as column 0 of a [BK, 16] operand, loads pipelined) was slower on every shape
 (bench/results/h100-kernels-row-linear).
 """
 
@@ -44,13 +44,14 @@ def _row_linear_kernel(X, W, BIAS, Y, N, K: tl.constexpr, BN: tl.constexpr, BK: 
 def row_linear_tiling(N: int, K: int) -> tuple[int, int, int]:
     """(BN rows per program, BK input features per tile, warps) for a [N, K] weight.
 
-    From the H100 sweep (`bench/gemv_sweep.py`): 2 rows of 1,024-wide tiles were within ~4% of each
-    shape's best; 8 warps won on the larger weights. The interpreter (CPU tests) runs programs one
-    after another, so there each program takes many rows."""
-    bk = min(1024, triton.next_power_of_2(K))
+    From the H100 sweeps (`bench/gemv_sweep.py`, bench/results/h100-kernels-row-linear): one row per
+    program in 2,048-wide tiles with 16 warps was the fastest tiling of four of the 7B's five shapes
+    and within 2% on the fifth. The interpreter (CPU tests) runs programs one after another, so there
+    each program takes many rows."""
+    bk = min(2048, triton.next_power_of_2(K))
     if INTERPRET:
         return 64, bk, 4
-    return 2, bk, 8 if N * K >= (64 << 20) else 4
+    return 1, bk, 16
 
 
 @triton_op("fast_xlstm::row_linear", mutates_args=())
