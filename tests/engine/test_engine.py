@@ -152,8 +152,8 @@ def test_compiled_decode_step_and_prefill_equal_eager():
 
 
 def test_one_row_decode_steps_compile_in_their_own_mode():
-    """`batch1_compile_mode`: one-row decode steps run a graph compiled in that mode (max-autotune
-    GEMMs by default on CUDA), larger batches the general one; both give the eager tokens."""
+    """`batch1_compile_mode`: one-row decode steps run a graph compiled in that mode, larger batches
+    the general one; both give the eager tokens."""
     llm = LLM("xlstm-tiny", device=DEVICE, dtype="float32", max_num_seqs=2, compile_decode=True,
               batch1_compile_mode="max-autotune-no-cudagraphs")
     params = SamplingParams(temperature=0, max_tokens=6)

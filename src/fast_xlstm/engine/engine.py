@@ -105,8 +105,8 @@ class LLMEngine:
         their last sampled token on the device (so the step launches before the previous one is
         read), and the decode skips a step of its own. The tokens are the same as apart.
 
-        batch1_compile_mode: how a compiled decode step of one request is compiled (`ModelRunner`):
-        "auto" autotunes its GEMMs on CUDA (7B on an H100: 5% faster at batch 1, 25 s more cold start-up).
+        batch1_compile_mode: another compile mode for a compiled decode step of one request
+        (`ModelRunner`; "auto": the same as larger batches).
         """
         self.model, self.tokenizer = model, tokenizer
         self.step_log = None if step_log is None else open(step_log, "a", buffering=1)

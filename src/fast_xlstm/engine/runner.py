@@ -44,8 +44,6 @@ LOGPROBS_K = 20  # the most alternatives a decode step reports (OpenAI's limit)
 MIXED_WARM_UP_PROMPT = 512  # mixed-step graphs warmed up: 1, 2 and 4 prompts of this length, every decode bucket
 
 
-# torch.compile mode of one-row decode steps on CUDA (`ModelRunner(batch1_compile_mode=...)`).
-BATCH1_COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 
 def compile_block_steps(model: XLSTMForCausalLM, mode: str | None = None, batch1_mode: str | None = None) -> None:
@@ -57,11 +55,10 @@ def compile_block_steps(model: XLSTMForCausalLM, mode: str | None = None, batch1
 
     batch1_mode: another mode for steps of one row. Dynamo compiles the first batch size it sees for
     that static shape and every later one as one dynamic-shape graph, so one-row steps always have a
-    graph of their own, and tuning it costs nothing at other sizes. Max-autotune there weighs
-    inductor's own Triton kernels against cuBLAS for each projection (at one row it took them: the
-    products run as reductions fused with the norms and activations around them); on an H100 the
-    7B's batch-1 step took 5.96 instead of 6.36 ms, while the same mode for the shared graph (tuned at one size)
-    was slower at batch 64 and 256 (bench/results/h100-profile/autotune-ee2cb48)."""
+    graph of their own, and tuning it costs nothing at other sizes. (Before the one-row projections
+    had a kernel of their own, max-autotune there had inductor write them as reductions fused with
+    the norms around them: 5.96 instead of 6.36 ms a 7B step on an H100, while the same mode for the
+    shared graph was slower at batch 64 and 256: bench/results/h100-profile/autotune-ee2cb48.)"""
     for block in model.backbone.blocks:
         if getattr(block, "_step_slots_compiled", False):
             continue
@@ -204,12 +201,14 @@ class ModelRunner:
         place: one forward for every piece, no state copied out of the pool and back (None = wherever
         those kernels run; False = the packed forward on copied states, in groups bounded by
         `prefill_state_bytes`).
-        batch1_compile_mode: the compile mode of one-row decode steps ("auto": `BATCH1_COMPILE_MODE` on
-        CUDA, where its tuning pays for its start-up time; `compile_mode` elsewhere). See
-        `compile_block_steps`."""
+        batch1_compile_mode: another compile mode for one-row decode steps ("auto": `compile_mode`). See
+        `compile_block_steps`. Their projections run the Triton matrix-vector kernel (`ops.linear`)
+        in any mode; max-autotune, the default on CUDA until that kernel came, now only retunes the
+        glue around it: on an H100 the 7B's batch 1 ran 177.1 tok/s with it and 180.3 without, and
+        without it a cold start skips ~25 s of tuning (bench/results/h100-7b-row-linear)."""
         self.model = model
         if batch1_compile_mode == "auto":
-            batch1_compile_mode = BATCH1_COMPILE_MODE if model.device.type == "cuda" else compile_mode
+            batch1_compile_mode = compile_mode
         if compile_decode:
             compile_block_steps(model, compile_mode, batch1_compile_mode)
         if compile_prefill:
