@@ -82,14 +82,9 @@ class FeedForward(nn.Module):
         del self.proj_up_gate, self.proj_up
         self.fused = True
 
-    def forward(self, z: torch.Tensor, norm: nn.Module | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """z [..., D] -> [..., D] (+ residual). norm: an RMSNorm applied to z first. Fused, a one-row z
-        takes two kernels (`ops.linear`): the norm and up projections, then silu * up, the down
-        projection and the residual add; other inputs run the same math as torch ops."""
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
         if self.fused:
-            gate_up = ops.linear(z, self.proj_up_gate_z, norm=norm)  # [..., 2 * inner] = gate | up
-            return ops.linear(gate_up, self.proj_down, swiglu=True, residual=residual)
-        z = z if norm is None else norm(z)
-        gate, up = ops.linear(z, self.proj_up_gate), ops.linear(z, self.proj_up)
-        return ops.linear(F.silu(gate) * up, self.proj_down, residual=residual)
+            gate, up = ops.linear(z, self.proj_up_gate_z).split(self.inner, dim=-1)
+        else:
+            gate, up = ops.linear(z, self.proj_up_gate), ops.linear(z, self.proj_up)
+        return ops.linear(F.silu(gate) * up, self.proj_down)

@@ -84,37 +84,28 @@ class MLSTMLayer(nn.Module):
         del self.q, self.k, self.v, self.ogate_preact, self.igate_preact, self.fgate_preact
         self.fused = True
 
-    def _project(self, u: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
-        """u [..., d] -> q, k [..., qk], v, o [..., v], i, f [..., NH] (gates soft-capped, fp32).
-
-        norm: u is the block input and this RMSNorm comes first; the fused q|k|v|o projection then
-        applies it inside its one-row kernel (`ops.linear`), the gate reduction on its own."""
+    def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """u [..., d] -> q, k [..., qk], v, o [..., v], i, f [..., NH] (gates soft-capped, fp32)."""
         if self.fused:
-            q, k, v, o = ops.linear(u, self.qkv_opreact, norm=norm).split(
-                [self.qk_dim, self.qk_dim, self.v_dim, self.v_dim], dim=-1)
+            q, k, v, o = ops.linear(u, self.qkv_opreact).split([self.qk_dim, self.qk_dim, self.v_dim, self.v_dim], dim=-1)
             w = self.ifgate_preact
-            i, f = soft_cap(_linear_fp32(u if norm is None else norm(u), w), self.gate_soft_cap).split(
-                self.num_heads, dim=-1)
+            i, f = soft_cap(_linear_fp32(u, w), self.gate_soft_cap).split(self.num_heads, dim=-1)
         else:
-            if norm is not None:
-                u = norm(u)
             q, k, v, o = (ops.linear(u, lin) for lin in (self.q, self.k, self.v, self.ogate_preact))
             i = soft_cap(_linear_fp32(u, self.igate_preact), self.gate_soft_cap)
             f = soft_cap(_linear_fp32(u, self.fgate_preact), self.gate_soft_cap)
         return q, k, v, o, i, f
 
-    def _output(self, h: torch.Tensor, o: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """h [..., NH, DV] cell output, o [..., v] gate pre-activation -> [..., d] (plus `residual`,
-        added inside the one-row kernel of `ops.linear` where that runs).
+    def _output(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """h [..., NH, DV] cell output, o [..., v] gate pre-activation -> [..., d].
 
         Over sequences (h [B, S, NH, DV]) at inference with the Triton kernels, the norm and gate are
         one kernel (`ops.head_norm_gate`; compiled, they were two passes at ~4.5x their bytes' time);
         the decode step's few rows keep the form that inductor fuses into its graph."""
         norm = self.multihead_norm
         if h.dim() == 4 and norm.force_float32 and ops.head_norm_gate_supported(h, o, norm.weight):
-            y = self.out_proj(ops.head_norm_gate(h, o, norm.weight, norm.eps))
-            return y if residual is None else residual + y
-        return ops.linear(torch.sigmoid(o) * norm(h), self.out_proj, residual=residual)
+            return self.out_proj(ops.head_norm_gate(h, o, norm.weight, norm.eps))
+        return ops.linear(torch.sigmoid(o) * norm(h), self.out_proj)
 
     def forward(self, u: torch.Tensor, state: MLSTMState | None = None, *,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:

@@ -78,11 +78,6 @@ class MLSTMBlock(nn.Module):
         `x + linear(..)` into one addmm, which on CUDA first copies x into the GEMM's output (a
         memcpy and a launch per projection); as plain adds they fuse into the next norm's kernel.
         """
-        if ops.one_row_kernel(x):  # batch 1: the norms and residual adds run inside the projections' kernels
-            m = self.mlstm_layer
-            q, k, v, o, i, f = m._project(x, norm=self.norm_mlstm)
-            x = m._output(m.cell_slots(q, k, v, i, f, pool, slots), o, residual=x)
-            return self.ffn(x, norm=self.norm_ffn, residual=x)
         x = x[:, None]
         x = x + self.mlstm_layer.step_slots(self.norm_mlstm(x[:, 0]), pool, slots)[:, None]
         x = x + self.ffn(self.norm_ffn(x))

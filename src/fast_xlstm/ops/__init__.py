@@ -29,7 +29,7 @@ __all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "ml
            "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
            "available_backends", "mlstm_step_slots_", "mlstm_step_slots_torch_", "mlstm_chunkwise_planned",
            "planned_prefill_supported", "triton_module", "gate_projection", "head_norm_gate",
-           "head_norm_gate_supported", "linear", "one_row_kernel"]
+           "head_norm_gate_supported", "linear"]
 
 
 @dataclass(frozen=True)
@@ -154,38 +154,17 @@ def gate_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return torch.nn.functional.linear(x.float(), weight.float(), bias.float())
 
 
-def one_row_kernel(x: torch.Tensor) -> bool:
-    """Whether `linear` runs its matrix-vector kernel for x [..., K]: one row of 16-bit values where
-    the Triton kernels run and no gradient is needed. Under torch.compile this is a test on shapes
-    only: dynamo specializes a batch of 1, so a dynamic-shape graph (batch >= 2) takes no guard."""
-    return (x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and not _needs_grad(x)
-            and resolve_backend(x).name == "triton")
-
-
-def linear(x: torch.Tensor, lin: torch.nn.Linear, *, norm: torch.nn.Module | None = None,
-           swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """residual + lin(act(x)): x [..., K] -> [..., N], where act is `norm` (an RMSNorm) when given,
-    silu(gate) * up when `swiglu` (x [..., 2K] = gate | up), else the identity.
-
-    One row (a batch-1 decode step, `one_row_kernel`) goes to one matrix-vector kernel that also
-    applies act and adds the residual (`triton.row_linear`: more weight bytes in flight than a GEMM
-    at one row, and no glue kernels between the projections). Anything else runs the torch modules,
-    so their hooks (tensor or data parallel wrappers) still run."""
+def linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
+    """lin(x), x [..., K] -> [..., N]. One row (a batch-1 decode step) of 16-bit x where the Triton
+    kernels run and no gradient is needed goes to the matrix-vector kernel (`triton.row_linear`,
+    more weight bytes in flight than a GEMM at one row); anything else calls the module, so its hooks
+    (tensor or data parallel wrappers) still run. Under torch.compile the row test is on shapes only:
+    dynamo specializes a batch of 1, so a dynamic-shape graph takes the module without a guard."""
     w = lin.weight
-    if (one_row_kernel(x) and w.dtype == x.dtype and w.is_contiguous() and not _needs_grad(w)
-            and (norm is None or (getattr(norm, "force_float32", False) and norm.weight.dtype == x.dtype))
-            and (residual is None or residual.dtype == x.dtype)):
-        out = _triton().row_linear_triton(x, w, lin.bias, None if norm is None else norm.weight,
-                                          0.0 if norm is None else norm.eps,
-                                          None if residual is None else residual.reshape(*x.shape[:-1], -1), swiglu)
-        return out if residual is None else out.reshape(residual.shape)
-    if norm is not None:
-        x = norm(x)
-    if swiglu:
-        gate, up = x.chunk(2, dim=-1)
-        x = torch.nn.functional.silu(gate) * up
-    y = lin(x)
-    return y if residual is None else residual + y
+    if (x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+            and w.is_contiguous() and not _needs_grad(x, w) and resolve_backend(x).name == "triton"):
+        return _triton().row_linear_triton(x, w, lin.bias)
+    return lin(x)
 
 
 def head_norm_gate_supported(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor) -> bool:
