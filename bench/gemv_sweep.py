@@ -5,8 +5,9 @@ For each projection of a batch-1 decode step (y [N] = W [N, K] @ x [K], bf16) it
 with the L2 flushed before each call (`triton.testing.do_bench`), and reports the achieved GB/s of
 the weight bytes. Then, closer to a real step, it replays as one CUDA graph the projections of all
 32 blocks and the head, each block with weights of its own (13.3 GB, so nothing stays in L2 between
-layers): with cuBLAS, with the op (plain and as programmatic dependent launches), and with each
-shape's fastest tiling, and reports the step times.
+layers): with cuBLAS, with the op, and with each shape's fastest tiling, and reports the step times.
+(The third run, h100-kernels-row-linear/chain-806d7ac.json, also timed the op as programmatic dependent launches, each kernel's
+first weight tile loaded before it waits for the previous kernel: 4.63 vs 4.57 ms, since dropped.)
 (The first run, bench/results/h100-kernels-row-linear/sweep-de65b61.json, also timed a tensor-core
 form of the kernel, since dropped: it was slower on every shape.)
 
@@ -24,7 +25,6 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from fast_xlstm.ops.triton import row_linear as rl
 from fast_xlstm.ops.triton.row_linear import _row_linear_kernel, row_linear_triton
 
 SHAPES = {  # the 7B's one-row projections, (N, K): fused q|k|v|o, out, fused gate|up, down, head
@@ -42,7 +42,7 @@ def tilings(quick: bool) -> list[dict]:
 def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, bn: int, bk: int, warps: int) -> torch.Tensor:
     """The row-linear kernel with an explicit tiling (the op picks its own)."""
     N, K = w.shape
-    _row_linear_kernel[(triton.cdiv(N, bn),)](x, w, w, out, N, K=K, BN=bn, BK=bk, HAS_BIAS=False, PDL=False, num_warps=warps)
+    _row_linear_kernel[(triton.cdiv(N, bn),)](x, w, w, out, N, K=K, BN=bn, BK=bk, HAS_BIAS=False, num_warps=warps)
     return out
 
 
@@ -118,14 +118,11 @@ def main() -> None:
     order = [(n, i) for i in range(LAYERS) for n in BLOCK_SHAPES] + [("head", 0)]
     kinds = {"cublas": lambda n, i: torch.mm(xs[n], ws[n][i].T, out=outs[n]),
              "op": lambda n, i: row_linear_triton(xs[n], ws[n][i]),
-             "op_pdl": lambda n, i: row_linear_triton(xs[n], ws[n][i]),
              "best_tilings": lambda n, i: launch(xs[n], ws[n][i], outs[n], **best_cfg[n])}
     chain = {}
     for label, one in kinds.items():
-        rl.PDL = label == "op_pdl"  # programmatic dependent launches: each kernel's weights load early
         ms = graph_ms(lambda: [one(n, i) for n, i in order])
         chain[label] = {"ms": ms, "gb_s": total_gb / ms * 1e3}
-    rl.PDL = False
     result["step_projections"] = {"weights_gb": total_gb, "tilings": best_cfg, **chain}
     print(f"step projections ({total_gb:.2f} GB): " + ", ".join(f"{k} {v['ms']:.3f} ms ({v['gb_s']:.0f} GB/s)"
                                                                for k, v in chain.items()), flush=True)

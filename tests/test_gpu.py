@@ -116,4 +116,4 @@ def test_compiled_bf16_batch1_graph_runs_the_row_linear_kernel_and_matches_batch
         two_vs_fp32.append(rel_err(two[0], ref))
     print("one/two", max(one_vs_two), "one/fp32", max(one_vs_fp32), "two/fp32", max(two_vs_fp32))
     assert max(one_vs_fp32) < 1.5 * max(two_vs_fp32) + 1e-3, (one_vs_fp32, two_vs_fp32)
-    assert max(one_vs_two) < 5e-2, one_vs_two
+    assert max(one_vs_two) < 2e-2, one_vs_two  # 7.6e-3 on an H100

@@ -11,8 +11,6 @@ tiles (x as column 0 of a [BK, 16] operand, loads pipelined) was slower on every
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -21,41 +19,22 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import INTERPRET, rtne
 
-try:  # Hopper's grid dependency control (programmatic dependent launch)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton: PDL stays off
-    gdc_wait = gdc_launch_dependents = None
-
-# Launch as programmatic dependent launches (sm90+); an experiment switch until measured.
-PDL = os.environ.get("FAST_XLSTM_ROW_LINEAR_PDL", "0") == "1" and gdc_wait is not None and not INTERPRET
-
 
 @triton.jit
 def _row_linear_kernel(X, W, BIAS, Y, N, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
-    """Y [N] = W [N, K] (contiguous) @ X [K] + BIAS [N]; program p owns rows [p * BN, (p + 1) * BN).
-
-    PDL: launched as a programmatic dependent launch, the kernel may start while the previous one
-    still runs: it loads its first weight tile (never written on the device), then waits for the
-    previous kernel (`gdc_wait`) before it reads X or writes Y."""
+                       HAS_BIAS: tl.constexpr):
+    """Y [N] = W [N, K] (contiguous) @ X [K] + BIAS [N]; program p owns rows [p * BN, (p + 1) * BN)."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
     cols = tl.arange(0, BK)
     w_ptrs = W + rows[:, None].to(tl.int64) * K + cols[None, :]
-    kmask = cols < K
-    # each weight byte is read once per step: keep it from evicting what the next kernels reuse
-    w = tl.load(w_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
-    if PDL:
-        gdc_wait()
-    x = tl.load(X + cols, mask=kmask, other=0.0).to(tl.float32)
-    acc = w.to(tl.float32) * x[None, :]
-    for k0 in range(BK, K, BK):
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
         kmask = (k0 + cols) < K
         x = tl.load(X + k0 + cols, mask=kmask, other=0.0).to(tl.float32)
+        # each weight byte is read once per step: keep it from evicting what the next kernels reuse
         w = tl.load(w_ptrs + k0, mask=rmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x[None, :]
-    if PDL:
-        gdc_launch_dependents()
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(BIAS + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -95,5 +74,5 @@ def row_linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     kernel = _row_linear_kernel if INTERPRET else wrap_triton(_row_linear_kernel)
     kernel[(triton.cdiv(N, bn),)](x.reshape(K).contiguous(), weight.contiguous(),
                                   weight if bias is None else bias.contiguous(), y, N, K=K, BN=bn, BK=bk,
-                                  HAS_BIAS=bias is not None, PDL=PDL, num_warps=warps, launch_pdl=PDL)
+                                  HAS_BIAS=bias is not None, num_warps=warps)
     return y
