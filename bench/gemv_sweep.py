@@ -1,7 +1,7 @@
 """One-row matrix-vector kernels timed at the 7B's decode shapes (one CUDA GPU).
 
 For each projection of a batch-1 decode step (y [N] = W [N, K] @ x [K], bf16) it times cuBLAS
-(`F.linear`), the `ops.triton.row_linear` op (its own tiling choice) and every tiling of its kernels
+(`F.linear`), the `ops.triton.row_linear` op (its own tiling choice) and every tiling of its kernel
 with the L2 flushed before each call (`triton.testing.do_bench`), and reports the achieved GB/s of
 the weight bytes. Then, closer to a real step, it replays as one CUDA graph the projections of all
 32 blocks and the head, each block with weights of its own (13.3 GB, so nothing stays in L2 between
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from fast_xlstm.ops.triton.row_linear import _row_linear_kernel, _row_linear_persistent_kernel, row_linear_triton
+from fast_xlstm.ops.triton.row_linear import _row_linear_kernel, row_linear_triton
 
 SHAPES = {  # the 7B's one-row projections, (N, K): fused q|k|v|o, out, fused gate|up, down, head
     "qkvo": (12288, 4096), "out": (4096, 4096), "up_gate": (21888, 4096), "down": (4096, 10944),
@@ -34,27 +34,15 @@ BLOCK_SHAPES = ("qkvo", "out", "up_gate", "down")
 LAYERS = 32
 
 
-def tilings(quick: bool, forms: list[str]) -> list[dict]:
-    """Tiled form: BN rows per program, BK-wide tiles (bk > 0). Persistent form (bk = 0): `per_sm`
-    programs per SM, each walking row blocks of BN with x held in registers."""
-    tiled = [dict(bn=bn, bk=bk, warps=w, per_sm=0)
-             for bn, bk, w in itertools.product((1, 2, 4, 16), (512, 1024, 2048), (4, 8, 16))]
-    persistent = [dict(bn=bn, bk=0, warps=w, per_sm=p) for p, bn, w in itertools.product((2, 4, 8), (1, 2), (8, 16))]
-    if quick:
-        tiled, persistent = tiled[:3], persistent[:2]
-    return (tiled if "tiled" in forms else []) + (persistent if "persistent" in forms else [])
+def tilings(quick: bool) -> list[dict]:
+    grid = [dict(bn=bn, bk=bk, warps=w) for bn, bk, w in itertools.product((1, 2, 4, 16), (512, 1024, 2048), (4, 8, 16))]
+    return grid[:3] if quick else grid
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, bn: int, bk: int, warps: int,
-           per_sm: int = 0) -> torch.Tensor:
-    """A row-linear kernel with an explicit tiling (the op picks its own)."""
+def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, bn: int, bk: int, warps: int) -> torch.Tensor:
+    """The row-linear kernel with an explicit tiling (the op picks its own)."""
     N, K = w.shape
-    if per_sm:
-        programs = min(triton.cdiv(N, bn), per_sm * torch.cuda.get_device_properties(0).multi_processor_count)
-        _row_linear_persistent_kernel[(programs,)](x, w, w, out, N, K=K, KP=triton.next_power_of_2(K), BN=bn,
-                                                   HAS_BIAS=False, num_warps=warps)
-    else:
-        _row_linear_kernel[(triton.cdiv(N, bn),)](x, w, w, out, N, K=K, BN=bn, BK=bk, HAS_BIAS=False, num_warps=warps)
+    _row_linear_kernel[(triton.cdiv(N, bn),)](x, w, w, out, N, K=K, BN=bn, BK=bk, HAS_BIAS=False, num_warps=warps)
     return out
 
 
@@ -83,8 +71,7 @@ def graph_ms(fn, reps: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true", help="a few tilings only (plumbing check)")
-    ap.add_argument("--forms", default="tiled,persistent", help="comma list of kernel forms to sweep")
+    ap.add_argument("--quick", action="store_true", help="three tilings only (plumbing check)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = "cuda"
@@ -103,8 +90,8 @@ def main() -> None:
             return {"us": 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50), "rel_err": err}
 
         rows = {"cublas": timed(lambda: F.linear(x, w)), "op": timed(lambda: row_linear_triton(x, w))}
-        for cfg in tilings(args.quick, args.forms.split(",")):
-            key = "bn{bn}:bk{bk}:w{warps}:p{per_sm}".format(**cfg)
+        for cfg in tilings(args.quick):
+            key = "bn{bn}:bk{bk}:w{warps}".format(**cfg)
             try:
                 rows[key] = timed(lambda: launch(x, w, out, **cfg))
             except Exception as e:  # a tiling that does not compile (e.g. out of registers) is skipped
@@ -114,7 +101,7 @@ def main() -> None:
                 r["gb_s"] = gb / r["us"] * 1e6
         ok = {k: r for k, r in rows.items() if k not in ("cublas", "op") and "us" in r and r["rel_err"] < 1e-2}
         best = min(ok, key=lambda k: ok[k]["us"])
-        best_cfg[name] = dict(zip(("bn", "bk", "warps", "per_sm"), (int(p.lstrip("bnkwp")) for p in best.split(":"))))
+        best_cfg[name] = dict(zip(("bn", "bk", "warps"), (int(p.lstrip("bnkw")) for p in best.split(":"))))
         result["shapes"][name] = {"N": N, "K": K, "best": best, "rows": rows}
         top = sorted(ok, key=lambda k: ok[k]["us"])[:5]
         print(f"{name} N={N} K={K}: " + "; ".join(f"{k} {r['us']:.1f} us {r['gb_s']:.0f} GB/s" for k, r in

@@ -41,31 +41,6 @@ def _row_linear_kernel(X, W, BIAS, Y, N, K: tl.constexpr, BN: tl.constexpr, BK: 
     tl.store(Y + rows, rtne(y, Y.dtype.element_ty), mask=rmask)
 
 
-@triton.jit
-def _row_linear_persistent_kernel(X, W, BIAS, Y, N, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr,
-                                  HAS_BIAS: tl.constexpr):
-    """As `_row_linear_kernel`, with a fixed number of programs P: each loads X [K] into registers
-    once and then walks the row blocks pid, pid + P, pid + 2P, ... (KP = K rounded up to a power of 2)."""
-    cols = tl.arange(0, KP)
-    kmask = cols < K
-    x = tl.load(X + cols, mask=kmask, other=0.0).to(tl.float32)
-    step = tl.num_programs(0) * BN
-    for r0 in range(tl.program_id(0) * BN, N, step):
-        rows = r0 + tl.arange(0, BN)
-        rmask = rows < N
-        w = tl.load(W + rows[:, None].to(tl.int64) * K + cols[None, :], mask=rmask[:, None] & kmask[None, :],
-                    other=0.0, eviction_policy="evict_first")
-        y = tl.sum(w.to(tl.float32) * x[None, :], 1)
-        if HAS_BIAS:
-            y += tl.load(BIAS + rows, mask=rmask, other=0.0).to(tl.float32)
-        tl.store(Y + rows, rtne(y, Y.dtype.element_ty), mask=rmask)
-
-
-# (N, K) -> (programs per SM, rows per iteration, warps) of the persistent form, or None for the
-# tiled one. An experiment switch until measured inside the decode step.
-PERSISTENT = None
-
-
 def row_linear_tiling(N: int, K: int) -> tuple[int, int, int]:
     """(BN rows per program, BK input features per tile, warps) for a [N, K] weight.
 
@@ -95,14 +70,6 @@ def row_linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"row_linear: bias {tuple(bias.shape)} does not fit {N} outputs")
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
-    choice = None if PERSISTENT is None or INTERPRET else PERSISTENT(N, K)
-    if choice is not None:
-        per_sm, bn, warps = choice
-        programs = min(triton.cdiv(N, bn), per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count)
-        wrap_triton(_row_linear_persistent_kernel)[(programs,)](
-            x.reshape(K).contiguous(), weight.contiguous(), weight if bias is None else bias.contiguous(), y, N, K=K,
-            KP=triton.next_power_of_2(K), BN=bn, HAS_BIAS=bias is not None, num_warps=warps)
-        return y
     bn, bk, warps = row_linear_tiling(N, K)
     kernel = _row_linear_kernel if INTERPRET else wrap_triton(_row_linear_kernel)
     kernel[(triton.cdiv(N, bn),)](x.reshape(K).contiguous(), weight.contiguous(),
