@@ -84,16 +84,22 @@ class MLSTMLayer(nn.Module):
         del self.q, self.k, self.v, self.ogate_preact, self.igate_preact, self.fgate_preact
         self.fused = True
 
-    def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """u [..., d] -> q, k [..., qk], v, o [..., v], i, f [..., NH] (gates soft-capped, fp32)."""
+    def _project_packed(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """u [..., d] -> q, k [..., qk], v, o [..., v] and the soft-capped gates [..., 2 NH] (fp32;
+        input gate then forget gate)."""
         if self.fused:
             q, k, v, o = ops.linear(u, self.qkv_opreact).split([self.qk_dim, self.qk_dim, self.v_dim, self.v_dim], dim=-1)
-            w = self.ifgate_preact
-            i, f = soft_cap(_linear_fp32(u, w), self.gate_soft_cap).split(self.num_heads, dim=-1)
+            gates = soft_cap(_linear_fp32(u, self.ifgate_preact), self.gate_soft_cap)
         else:
             q, k, v, o = (ops.linear(u, lin) for lin in (self.q, self.k, self.v, self.ogate_preact))
-            i = soft_cap(_linear_fp32(u, self.igate_preact), self.gate_soft_cap)
-            f = soft_cap(_linear_fp32(u, self.fgate_preact), self.gate_soft_cap)
+            gates = torch.cat([soft_cap(_linear_fp32(u, lin), self.gate_soft_cap)
+                               for lin in (self.igate_preact, self.fgate_preact)], dim=-1)
+        return q, k, v, o, gates
+
+    def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """u [..., d] -> q, k [..., qk], v, o [..., v], i, f [..., NH] (gates soft-capped, fp32)."""
+        q, k, v, o, gates = self._project_packed(u)
+        i, f = gates.split(self.num_heads, dim=-1)
         return q, k, v, o, i, f
 
     def _output(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -151,13 +157,15 @@ class MLSTMLayer(nn.Module):
     def step_slots(self, u: torch.Tensor, pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
         """One decode step on state-pool rows: u [B, d] -> y [B, d]; pool rows `slots` (-1 = skip)
         are updated in place, so the step can run inside a CUDA graph on static buffers."""
-        q, k, v, o, i, f = self._project(u)
-        return self._output(self.cell_slots(q, k, v, i, f, pool, slots), o)
+        q, k, v, o, gates = self._project_packed(u)
+        # the gates go to the step op as one tensor: as two, inductor writes each with a kernel of its own
+        return self._output(self.cell_slots(q, k, v, gates, None, pool, slots), o)
 
-    def cell_slots(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-                   pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
-        """The cell's decode step on state-pool rows: q, k [B, qk], v [B, v], i, f [B, NH] (views of
-        the projections are read in place) -> h [B, NH, DV]; pool rows `slots` (-1 = skip) updated."""
+    def cell_slots(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor,
+                   f: torch.Tensor | None, pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
+        """The cell's decode step on state-pool rows: q, k [B, qk], v [B, v], i, f [B, NH] or i the
+        packed gates [B, 2 NH] with f None (views of the projections are read in place) ->
+        h [B, NH, DV]; pool rows `slots` (-1 = skip) updated."""
         B, nh = q.shape[0], self.num_heads
         return ops.mlstm_step_slots_(q.reshape(B, nh, -1), k.reshape(B, nh, -1), v.reshape(B, nh, -1), i, f,
                                      *pool, slots, eps=self.eps)

@@ -127,10 +127,11 @@ def mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tenso
     return resolve_backend(q, backend).step(q, k, v, i, f, state, eps=eps)
 
 
-def mlstm_step_slots_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+def mlstm_step_slots_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor | None,
                       C: torch.Tensor, n: torch.Tensor, m: torch.Tensor, slots: torch.Tensor, *, eps: float = 1e-6,
                       backend: str | None = None) -> torch.Tensor:
     """Decode step on state-pool rows `slots` (-1 = skip), updating the pool in place; returns h.
+    The gates come as i, f [B, NH] or packed as i [B, 2NH] (input gate first) with f None.
 
     Shapes: see `step_slots_torch.mlstm_step_slots_torch_`.
     """

@@ -24,17 +24,20 @@ def check_pool(C: torch.Tensor, n: torch.Tensor, m: torch.Tensor, q: torch.Tenso
         raise ValueError(f"slots must be an int32/int64 tensor of shape [{B}], got {slots.dtype} {tuple(slots.shape)}")
 
 
-def mlstm_step_slots_torch_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-                            C: torch.Tensor, n: torch.Tensor, m: torch.Tensor, slots: torch.Tensor, *,
-                            eps: float = 1e-6) -> torch.Tensor:
+def mlstm_step_slots_torch_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor,
+                            f: torch.Tensor | None, C: torch.Tensor, n: torch.Tensor, m: torch.Tensor,
+                            slots: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     """One step for B rows whose states live in pool rows `slots` (updated in place).
 
     Args:
-        q, k [B, NH, DK]; v [B, NH, DV]; i, f [B, NH]; pool C, n, m as above (fp32 or bf16);
+        q, k [B, NH, DK]; v [B, NH, DV]; i, f [B, NH] (or i [B, 2NH] = input | forget gate and f
+        None); pool C, n, m as above (fp32 or bf16);
         slots [B] int32/int64, -1 = skip.
     Returns:
         h [B, NH, DV] in q's dtype (zeros for skipped rows).
     """
+    if f is None:
+        i, f = i.split(q.shape[1], dim=-1)
     check_pool(C, n, m, q, v, slots)
     valid = slots >= 0
     rows = slots.clamp_min(0).long()

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from fast_xlstm import ops
 from fast_xlstm.ops import mlstm_step, mlstm_step_torch
 from fast_xlstm.ops.triton import mlstm_chunkwise_triton, mlstm_step_slots_, mlstm_step_triton
 
@@ -103,6 +104,23 @@ def test_slot_pool_reads_row_views_of_a_fused_projection(device, seed, make_inpu
     assert torch.equal(h_views, h_copies)
     assert all(torch.equal(a, b) for a, b in zip(*pools))
     assert pools[0][0][4].abs().sum() > 0 and not torch.isnan(h_views).any()
+
+
+def test_slot_pool_takes_packed_gates(device, seed, make_inputs, random_state):
+    """The gates as one [B, 2NH] tensor (input gate first) and f None: exactly the separate-gate step,
+    on the Triton kernel and on the torch twin."""
+    B, NH, DK, DV, P = 3, 2, 16, 32, 5
+    slots = torch.tensor([4, -1, 1], dtype=torch.int32, device=device)
+    q, k, v, i, f = _step_inputs(make_inputs, B, NH, DK, DV, torch.float32, seed, device)
+    packed = torch.cat([i, f], 1)
+    for backend in ("triton", "torch"):
+        pools = [[t.to(device).contiguous() for t in random_state(P, NH, DK, DV, seed=seed + 1)] for _ in range(2)]
+        h_sep = ops.mlstm_step_slots_(q, k, v, i, f, *pools[0], slots, backend=backend)
+        h_packed = ops.mlstm_step_slots_(q, k, v, packed, None, *pools[1], slots, backend=backend)
+        assert torch.equal(h_sep, h_packed) and not torch.isnan(h_packed).any()
+        assert all(torch.equal(a, b) for a, b in zip(*pools))
+    with pytest.raises(ValueError, match=r"packed gates \(i \| f\) of shape \[3, 4\]"):
+        mlstm_step_slots_(q, k, v, i, None, *pools[0], slots)
 
 
 def test_prefill_then_step_equals_longer_prefill(device, seed, make_inputs, rel_err, state_err):

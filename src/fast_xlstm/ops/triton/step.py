@@ -138,7 +138,10 @@ def _check_step_inputs(q, k, v, i, f) -> tuple[int, int, int, int]:
         raise ValueError(f"step expects q, k [B, NH, DK] and v [B, NH, DV], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, NH, DK = q.shape
-    if i.shape != (B, NH) or f.shape != (B, NH):
+    if f is None:
+        if i.shape != (B, 2 * NH):
+            raise ValueError(f"step expects packed gates (i | f) of shape [{B}, {2 * NH}], got {tuple(i.shape)}")
+    elif i.shape != (B, NH) or f.shape != (B, NH):
         raise ValueError(f"step expects gates i, f of shape [{B}, {NH}], got {tuple(i.shape)}, {tuple(f.shape)}")
     tl_dtype(q.dtype)
     return B, NH, DK, v.shape[-1]
@@ -192,9 +195,11 @@ def _(q, k, v, i, f, C, n, m, eps):
 
 
 @torch.library.custom_op("fast_xlstm::mlstm_step_slots_", mutates_args=("C_pool", "n_pool", "m_pool"))
-def _step_slots_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C_pool: Tensor, n_pool: Tensor,
+def _step_slots_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Optional[Tensor], C_pool: Tensor, n_pool: Tensor,
                    m_pool: Tensor, slots: Tensor, eps: float) -> Tensor:
     B, NH, _ = q.shape
+    if f is None:  # packed gates: the kernel reads both halves of one [B, 2NH] tensor in place
+        i, f = i[:, :NH], i[:, NH:]
     h = torch.empty(B, NH, v.shape[-1], dtype=q.dtype, device=q.device)
     _launch(q, k, v, i, f, C_pool, n_pool, m_pool, C_pool, n_pool, m_pool, slots.contiguous(),
             _counters(B * NH, q.device), h, True, True, eps)
@@ -215,6 +220,8 @@ def mlstm_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torc
     A custom op (`fast_xlstm::mlstm_step`): torch.compile keeps it whole. Inference only (no autograd).
     """
     B, NH, DK, DV = _check_step_inputs(q, k, v, i, f)
+    if f is None:
+        i, f = i[:, :NH], i[:, NH:]
     if state is not None:
         check_state(state, B, NH, DK, DV, "state")
     C, n, m = state if state is not None else (None, None, None)
@@ -222,12 +229,14 @@ def mlstm_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torc
     return h, (Co, No, Mo)
 
 
-def mlstm_step_slots_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+def mlstm_step_slots_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor | None,
                       C_pool: torch.Tensor, n_pool: torch.Tensor, m_pool: torch.Tensor, slots: torch.Tensor,
                       *, eps: float = 1e-6) -> torch.Tensor:
     """One recurrent step that updates pool rows in place through slot indices.
 
-    q, k [B, NH, DK]; v [B, NH, DV]; i, f [B, NH]; C_pool [P, NH, DK, DV], n_pool [P, NH, DK],
+    q, k [B, NH, DK]; v [B, NH, DV]; i, f [B, NH], or i [B, 2NH] holding both gates (input gate
+    first) and f None: compiled callers then materialize one gate tensor, where two separate gate
+    arguments cost inductor a copy kernel each; C_pool [P, NH, DK, DV], n_pool [P, NH, DK],
     m_pool [P, NH, 1] (contiguous; each fp32 or bf16: C dominates the traffic, so a bf16 C with fp32 n, m
     is the better trade: a bf16 m is quantized to 1/16 at |m| >= 8, which reweighs old state against new
     input by up to ~3% a step); slots int32 [B]: the pool row of each batch row, -1 = skip (row untouched,
