@@ -44,8 +44,6 @@ LOGPROBS_K = 20  # the most alternatives a decode step reports (OpenAI's limit)
 MIXED_WARM_UP_PROMPT = 512  # mixed-step graphs warmed up: 1, 2 and 4 prompts of this length, every decode bucket
 
 
-
-
 def compile_block_steps(model: XLSTMForCausalLM, mode: str | None = None, batch1_mode: str | None = None) -> None:
     """Regional torch.compile of the decode step of every block: the blocks share one compiled
     graph (parameters are graph inputs), which fuses each block's ~80 small kernels (norms, gates,

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import XLSTMConfig
 from .. import ops
+from ..config import XLSTMConfig
 from ..ops import MLSTMState
 from .layers import FeedForward, RMSNorm, soft_cap
 from .mlstm import MLSTMLayer

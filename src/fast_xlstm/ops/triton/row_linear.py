@@ -4,9 +4,10 @@ At batch 1 a decode step streams the 7B's weights once (13.3 GB), so each projec
 many bytes its kernel keeps in flight. Each program here owns BN weight rows and walks K in BK-wide
 tiles, multiply-adding on the CUDA cores into a [BN, BK] fp32 accumulator that is summed once at the
 end. On an H100 the 7B's projections of one step, all 32 blocks and the head replayed as one CUDA
-graph, took 4.55 ms (2.93 TB/s) against cuBLAS's 5.05 (2.64 TB/s); a tensor-core form of the same
-tiles (x as column 0 of a [BK, 16] operand, loads pipelined) was slower on every shape
-(bench/results/h100-kernels-row-linear).
+graph, took 4.57 ms (2.91 TB/s) against cuBLAS's 5.04 (2.64 TB/s), and 4.81 ms inside the decode
+step (bench/results/h100-kernels-row-linear, h100-7b-row-linear). Slower there, and dropped: a
+tensor-core form of the same tiles, a persistent form holding x in registers, other tilings,
+programmatic dependent launches, and norms / SwiGLU recomputed inside each program.
 """
 
 from __future__ import annotations
