@@ -57,7 +57,8 @@ class MultiHeadLayerNorm(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU: proj_down(SiLU(proj_up_gate z) * proj_up z). `fuse()` merges the two up projections.
-    The projections go through `ops.linear` (a matrix-vector kernel for one-row decode steps)."""
+    The projections go through `ops.linear` / `ops.swiglu` (for one-row decode steps, matrix-vector
+    kernels that also apply SiLU(gate) * up and the block's residual add)."""
 
     def __init__(self, dim: int, inner: int, bias: bool = False):
         super().__init__()
@@ -82,9 +83,10 @@ class FeedForward(nn.Module):
         del self.proj_up_gate, self.proj_up
         self.fused = True
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
+    def forward(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """z [..., D] -> [..., D] (+ residual, added by the down projection's kernel for one row)."""
         if self.fused:
-            gate, up = ops.linear(z, self.proj_up_gate_z).split(self.inner, dim=-1)
+            act = ops.swiglu(z, self.proj_up_gate_z)
         else:
-            gate, up = ops.linear(z, self.proj_up_gate), ops.linear(z, self.proj_up)
-        return ops.linear(F.silu(gate) * up, self.proj_down)
+            act = F.silu(ops.linear(z, self.proj_up_gate)) * ops.linear(z, self.proj_up)
+        return ops.linear(act, self.proj_down, residual)

@@ -87,8 +87,13 @@ class MLSTMLayer(nn.Module):
     def _project_packed(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """u [..., d] -> q, k [..., qk], v, o [..., v] and the soft-capped gates [..., 2 NH] (fp32;
         input gate then forget gate)."""
-        if self.fused:
-            q, k, v, o = ops.linear(u, self.qkv_opreact).split([self.qk_dim, self.qk_dim, self.v_dim, self.v_dim], dim=-1)
+        sizes = [self.qk_dim, self.qk_dim, self.v_dim, self.v_dim]
+        if self.fused and self.ifgate_preact.weight.dtype == torch.float32 and ops.row_kernel_supported(
+                u, self.qkv_opreact.weight):  # one row: both projections in one matrix-vector launch
+            y, gates = ops.row_linear_gates(u, self.qkv_opreact, self.ifgate_preact, self.gate_soft_cap)
+            q, k, v, o = y.split(sizes, dim=-1)
+        elif self.fused:
+            q, k, v, o = ops.linear(u, self.qkv_opreact).split(sizes, dim=-1)
             gates = soft_cap(_linear_fp32(u, self.ifgate_preact), self.gate_soft_cap)
         else:
             q, k, v, o = (ops.linear(u, lin) for lin in (self.q, self.k, self.v, self.ogate_preact))
@@ -105,12 +110,12 @@ class MLSTMLayer(nn.Module):
     def _output(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """h [..., NH, DV] cell output, o [..., v] gate pre-activation -> [..., d].
 
-        Over sequences (h [B, S, NH, DV]) at inference with the Triton kernels, the norm and gate are
-        one kernel (`ops.head_norm_gate`; compiled, they were two passes at ~4.5x their bytes' time);
-        the decode step's few rows keep the form that inductor fuses into its graph."""
+        At inference with the Triton kernels, the norm and gate are one kernel (`ops.head_norm_gate`),
+        over sequences (h [B, S, NH, DV]; compiled, they were two passes at ~4.5x their bytes' time)
+        and over a decode step's rows (h [B, NH, DV]; compiled, two launches)."""
         norm = self.multihead_norm
-        if h.dim() == 4 and norm.force_float32 and ops.head_norm_gate_supported(h, o, norm.weight):
-            return self.out_proj(ops.head_norm_gate(h, o, norm.weight, norm.eps))
+        if h.dim() >= 3 and norm.force_float32 and ops.head_norm_gate_supported(h, o, norm.weight):
+            return ops.linear(ops.head_norm_gate(h, o, norm.weight, norm.eps), self.out_proj)
         return ops.linear(torch.sigmoid(o) * norm(h), self.out_proj)
 
     def forward(self, u: torch.Tensor, state: MLSTMState | None = None, *,

@@ -69,7 +69,7 @@ class MLSTMBlock(nn.Module):
     def step(self, x: torch.Tensor, state: MLSTMState | None) -> tuple[torch.Tensor, MLSTMState]:  # x [B, d]
         y, state = self.mlstm_layer.step(self.norm_mlstm(x), state)
         x = x + y
-        return x + self.ffn(self.norm_ffn(x)), state
+        return self.ffn(self.norm_ffn(x), residual=x), state
 
     def step_slots(self, x: torch.Tensor, pool: MLSTMState, slots: torch.Tensor) -> torch.Tensor:
         """x [B, d] -> [B, d]; pool rows `slots` updated in place.
@@ -77,10 +77,11 @@ class MLSTMBlock(nn.Module):
         The residual adds run on [B, 1, d] views: compiled on a 2-D x, inductor folds each
         `x + linear(..)` into one addmm, which on CUDA first copies x into the GEMM's output (a
         memcpy and a launch per projection); as plain adds they fuse into the next norm's kernel.
+        At batch 1 the FFN's residual add rides in the down projection's matrix-vector kernel.
         """
         x = x[:, None]
         x = x + self.mlstm_layer.step_slots(self.norm_mlstm(x[:, 0]), pool, slots)[:, None]
-        x = x + self.ffn(self.norm_ffn(x))
+        x = self.ffn(self.norm_ffn(x), residual=x)
         return x[:, 0]
 
     def prefill_slots(self, x: torch.Tensor, pool: MLSTMState, rows: torch.Tensor,

@@ -29,7 +29,7 @@ __all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "ml
            "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
            "available_backends", "mlstm_step_slots_", "mlstm_step_slots_torch_", "mlstm_chunkwise_planned",
            "planned_prefill_supported", "triton_module", "gate_projection", "head_norm_gate",
-           "head_norm_gate_supported", "linear"]
+           "head_norm_gate_supported", "linear", "row_kernel_supported", "swiglu", "row_linear_gates"]
 
 
 @dataclass(frozen=True)
@@ -155,17 +155,42 @@ def gate_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return torch.nn.functional.linear(x.float(), weight.float(), bias.float())
 
 
-def linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
-    """lin(x), x [..., K] -> [..., N]. One row (a batch-1 decode step) of 16-bit x where the Triton
-    kernels run and no gradient is needed goes to the matrix-vector kernel (`triton.row_linear`,
-    more weight bytes in flight than a GEMM at one row); anything else calls the module, so its hooks
-    (tensor or data parallel wrappers) still run. Under torch.compile the row test is on shapes only:
-    dynamo specializes a batch of 1, so a dynamic-shape graph takes the module without a guard."""
-    w = lin.weight
-    if (x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
-            and w.is_contiguous() and not _needs_grad(x, w) and resolve_backend(x).name == "triton"):
-        return _triton().row_linear_triton(x, w, lin.bias)
-    return lin(x)
+def row_kernel_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` (and its fused forms) of x by this weight goes to the one-row kernels: x holds
+    one row (a batch-1 decode step), 16-bit like the contiguous weight, where the Triton kernels run
+    and no gradient is needed. Under torch.compile the row test is on shapes only: dynamo specializes
+    a batch of 1, so a dynamic-shape graph takes the torch path without a guard."""
+    return (x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.is_contiguous() and not _needs_grad(x, weight) and resolve_backend(x).name == "triton")
+
+
+def linear(x: torch.Tensor, lin: torch.nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """lin(x) (+ residual), x [..., K] -> [..., N] (residual broadcastable to it, added last). Where
+    `row_kernel_supported`, the matrix-vector kernel (`triton.row_linear`: more weight bytes in flight
+    than a GEMM at one row), with the residual add in its epilogue; anything else calls the module,
+    so its hooks (tensor or data parallel wrappers) still run."""
+    if row_kernel_supported(x, lin.weight) and (residual is None or residual.numel() == lin.out_features):
+        return _triton().row_linear_triton(x, lin.weight, lin.bias, residual)
+    y = lin(x)
+    return y if residual is None else residual + y
+
+
+def swiglu(z: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
+    """SiLU(gate) * up of a fused up projection lin ([2I, K]: gate rows, then up rows): z [..., K] ->
+    [..., I]. Where `row_kernel_supported`, one kernel (`triton.row_swiglu`) computes both halves of a
+    row and the product, rounded as the eager ops round; else the module and two elementwise ops."""
+    if row_kernel_supported(z, lin.weight) and lin.bias is None:
+        return _triton().row_swiglu_triton(z, lin.weight)
+    gate, up = lin(z).split(lin.out_features // 2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def row_linear_gates(x: torch.Tensor, lin: torch.nn.Linear, gate_lin: torch.nn.Linear, cap: float | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """lin(x) and the fp32 soft-capped gate projection cap * tanh(gate_lin(x.float()) / cap) of one row
+    in one kernel (`triton.row_linear_gates`). Needs `row_kernel_supported(x, lin.weight)` and fp32
+    gate weights with a bias (the caller keeps its own code else)."""
+    return _triton().row_linear_gates_triton(x, lin.weight, lin.bias, gate_lin.weight, gate_lin.bias, cap)
 
 
 def head_norm_gate_supported(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -9,7 +9,9 @@ lazily as backend "triton", so `import fast_xlstm.ops` never needs triton.
   mlstm_chunkwise_planned packed inference forward from device-side tables (CUDA-graph capturable)
   gate_projection_triton  the fp32 i/f gate projection of a long prefill, one memory-bound kernel
   head_norm_gate_triton   the layer's per-head output norm and output gate over a prefill, one pass
-  row_linear_triton       the matrix-vector product of one-row (batch-1) decode steps
+  row_linear_triton       the matrix-vector product of one-row (batch-1) decode steps (+ residual)
+  row_swiglu_triton       one-row fused up projection and SiLU(gate) * up
+  row_linear_gates_triton one-row q/k/v/o projection and soft-capped fp32 gates in one launch
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from .autograd import inference_chunk_len, mlstm_chunkwise_triton
 from .gate_projection import gate_projection_triton
 from .norm_gate import head_norm_gate_triton
 from .planned import PackedLayout, PackedPlan, mlstm_chunkwise_planned, padded_rows, plan_values
-from .row_linear import row_linear_triton
+from .row_linear import row_linear_gates_triton, row_linear_triton, row_swiglu_triton
 from .step import mlstm_step_slots_, mlstm_step_triton
 
 __all__ = ["mlstm_chunkwise_triton", "mlstm_step_triton", "mlstm_step_slots_", "mlstm_chunkwise_planned",
            "PackedLayout", "PackedPlan", "plan_values", "padded_rows", "device_ints",
            "inference_chunk_len", "gate_projection_triton", "head_norm_gate_triton",
-           "row_linear_triton"]
+           "row_linear_triton", "row_swiglu_triton", "row_linear_gates_triton"]
