@@ -37,9 +37,10 @@ def _check(y, ref):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("lead,NH,DH", [((1, 37), 2, 32), ((3, 5), 4, 24), ((21,), 1, 64)])
+@pytest.mark.parametrize("lead,NH,DH", [((1, 37), 2, 32), ((3, 5), 4, 24), ((21,), 1, 64), ((1,), 8, 64)])
 def test_matches_the_module(lead, NH, DH, dtype, device, seed):
-    """Row counts that leave partial tiles, a head width that is not a power of two, several heads."""
+    """Row counts that leave partial tiles, a head width that is not a power of two, several heads, and
+    the one row of a batch-1 decode step (its own launch config)."""
     h, o, w = _inputs(lead, NH, DH, dtype, device, seed)
     _check(head_norm_gate_triton(h, o, w, 1e-6), _torch_form(h, o, w, 1e-6))
 

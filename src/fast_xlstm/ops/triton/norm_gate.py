@@ -64,9 +64,11 @@ def head_norm_gate_triton(h: Tensor, o: Tensor, weight: Tensor, eps: float) -> T
     M = h3.shape[0]
     y = torch.empty(M, width, device=h.device, dtype=h.dtype)
     if M:
-        bm = 16
+        # A batch-1 decode step has one row: one program per head and fewer warps (16-row tiles took
+        # 3.6 us there, against 2.9 for the two compiled kernels this replaced)
+        bm, warps = (1, 4) if M == 1 else (16, 8)
         kernel = _head_norm_gate_kernel if INTERPRET else wrap_triton(_head_norm_gate_kernel)
         kernel[(triton.cdiv(M, bm), NH)](h3, o2, weight.contiguous(), y, M, h3.stride(0), h3.stride(1),
                                          o2.stride(0), eps, NH, DH=DH, DP=max(16, triton.next_power_of_2(DH)),
-                                         BM=bm, num_warps=8)
+                                         BM=bm, num_warps=warps)
     return y.reshape(*lead, width)
