@@ -9,6 +9,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -120,3 +122,14 @@ def test_startup_time_builds_and_warms_a_compiled_engine(tmp_path):
     r = json.loads(out.read_text())
     assert r["model"] == "xlstm-tiny" and r["device"] == "cpu" and not r["cold"]
     assert r["build_s"] > 0 and r["warm_up_s"] > 0
+
+
+def test_decode_step_tiles_overrides_batch_1_only(monkeypatch):
+    pytest.importorskip("triton")
+    import fast_xlstm.ops.triton.step as step
+
+    default = step._tiles
+    monkeypatch.setattr(step, "_tiles", default)  # restored after the test
+    _load("decode_step_tiles").override("256,16,2")
+    assert step._tiles(1, 8, 256, 512) == (256, 16, 2)
+    assert step._tiles(64, 8, 256, 512) == default(64, 8, 256, 512) != (256, 16, 2)
