@@ -133,3 +133,19 @@ def test_decode_step_tiles_overrides_batch_1_only(monkeypatch):
     _load("decode_step_tiles").override("256,16,2")
     assert step._tiles(1, 8, 256, 512) == (256, 16, 2)
     assert step._tiles(64, 8, 256, 512) == default(64, 8, 256, 512) != (256, 16, 2)
+
+
+def test_overlap_probe_times_every_way_on_cpu(tmp_path):
+    probe = _load("overlap_probe")
+    out = tmp_path / "overlap.json"
+    assert probe.main(["--model", "xlstm-tiny", "--cases", "3:2x16:2", "--no-compile", "--repeat", "1",
+                       "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["decode_rows"], row["prompts"], row["tokens_each"], row["decode_steps"]) == (3, 2, 16, 2)
+    for name in ("decode", "prefill", "serial", "overlap", "overlap_hi"):
+        assert row[f"{name}_ms"] > 0
+    assert math.isfinite(row["hidden_overlap"]) and math.isfinite(row["hidden_overlap_hi"])
+    with pytest.raises(SystemExit, match="DECODE:COUNTxLENGTH:STEPS"):
+        probe.parse_cases("3:2x16")
+    with pytest.raises(SystemExit, match="DECODE:COUNTxLENGTH:STEPS"):
+        probe.parse_cases("0:2x16:1")

@@ -1,0 +1,131 @@
+"""Does prefill overlap with decode on the device? Decode steps on a second CUDA stream beside a prefill.
+
+Served throughput at many concurrent requests is bound by running each engine step's prefill and
+decode one after the other (`bench/results/README.md`, "The bound on served throughput"): decode at
+batch 64-256 is bound by state traffic, prefill by tensor-core time, so the two might share the GPU.
+This measures, on the runner the server uses, for each case DECODE:COUNTxLENGTH:STEPS (decoding
+requests : prompts x tokens each : decode steps):
+
+- `decode_ms`: STEPS decode steps (CUDA-graph replays) alone;
+- `prefill_ms`: the prefill of COUNT prompts of LENGTH tokens alone;
+- `serial_ms`: both on one stream (the engine today);
+- `overlap_ms` / `overlap_hi_ms`: the decode steps queued on a second stream (of default / high
+  priority) while the prefill runs on the first;
+- `hidden`: (serial - overlap) / min(decode, prefill), the share of the shorter side that overlap hid
+  (0: none, 1: all of it).
+
+The decode and prefill rows are different pool slots, so the two never touch each other's states;
+sampled tokens may mix between them (a timing probe, not an engine).
+
+    python bench/overlap_probe.py --cases 128:16x512:16,64:16x512:32,192:8x512:8 --out bench/results/overlap.json
+    python bench/overlap_probe.py --model xlstm-tiny --cases 3:2x16:2 --no-compile   # plumbing check (CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from fast_xlstm.bench.report import save_json, script_result
+from fast_xlstm.config import get_preset
+from fast_xlstm.engine.runner import DecodeMode, ModelRunner
+from fast_xlstm.generation.params import SamplingParams
+from fast_xlstm.model import XLSTMForCausalLM
+
+GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+
+def parse_cases(text: str) -> list[tuple[int, int, int, int]]:
+    """"128:16x512:16" -> [(128, 16, 512, 16)] (decode rows, prompts, tokens each, decode steps)."""
+    cases = []
+    for part in text.split(","):
+        try:
+            dec, pack, steps = part.strip().split(":")
+            count, length = pack.split("x")
+            nums = (int(dec), int(count), int(length), int(steps))
+        except ValueError:
+            nums = (0,)
+        if min(nums) < 1:
+            raise SystemExit(f"--cases: expected DECODE:COUNTxLENGTH:STEPS items like 128:16x512:16, got {part!r}")
+        cases.append(nums)
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="xlstm-7b")
+    ap.add_argument("--cases", default="128:16x512:16,64:16x512:32,192:8x512:8,255:4x512:4")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="eager block regions and decode (plumbing checks)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    cases = parse_cases(args.cases)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = XLSTMForCausalLM.from_config(get_preset(args.model), dtype=torch.bfloat16 if cuda else torch.float32,
+                                         device=device, seed=0).fuse_projections()
+    runner = ModelRunner(model, num_slots=max(d + c for d, c, _, _ in cases),
+                         compile_decode=not args.no_compile, compile_prefill=not args.no_compile)
+    mode = DecodeMode.of([GREEDY])
+    main_stream = torch.cuda.current_stream() if cuda else None
+    side = {"default": torch.cuda.Stream() if cuda else None,
+            "high": torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1]) if cuda else None}
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for dec, count, length, steps in cases:
+        pieces = [torch.randint(1, model.config.vocab_size, (length,), generator=g).tolist() for _ in range(count)]
+        dec_slots, pre_slots = list(range(dec)), list(range(dec, dec + count))
+
+        def decode_steps(stream=None) -> None:
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                for _ in range(steps):
+                    runner.decode_launch(dec_slots, mode)
+
+        def prefill() -> None:
+            runner.prefill_launch(pre_slots, pieces, [True] * count, [GREEDY] * count)
+
+        def overlapped(which: str):
+            def run() -> None:
+                stream = side[which]
+                if stream is not None:
+                    stream.wait_stream(main_stream)
+                decode_steps(stream)  # graph replays: little host time, so both sides start together
+                prefill()
+                if stream is not None:
+                    main_stream.wait_stream(stream)
+            return run
+
+        ways = {"decode": decode_steps, "prefill": prefill, "serial": lambda: (decode_steps(), prefill()),
+                "overlap": overlapped("default"), "overlap_hi": overlapped("high")}
+        row = {"decode_rows": dec, "prompts": count, "tokens_each": length, "decode_steps": steps}
+        for name, fn in ways.items():
+            walls = []
+            for r in range(args.repeat + 2):  # two warm-ups: kernel specializations, graph captures
+                runner.pool.reset(dec_slots + pre_slots)
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                if r >= 2:
+                    walls.append(1e3 * (time.perf_counter() - t0))
+            row[f"{name}_ms"] = statistics.median(walls)
+        shorter = min(row["decode_ms"], row["prefill_ms"])
+        for name in ("overlap", "overlap_hi"):
+            row[f"hidden_{name}"] = (row["serial_ms"] - row[f"{name}_ms"]) / shorter
+        print(f"[overlap_probe] {dec}:{count}x{length}:{steps}: decode {row['decode_ms']:.1f} ms, prefill "
+              f"{row['prefill_ms']:.1f}, serial {row['serial_ms']:.1f}, overlap {row['overlap_ms']:.1f} "
+              f"(hidden {row['hidden_overlap']:.2f}), high-priority decode {row['overlap_hi_ms']:.1f} "
+              f"(hidden {row['hidden_overlap_hi']:.2f})", flush=True)
+        rows.append(row)
+    save_json(args.out, script_result("overlap_probe", args.model, device, compiled=not args.no_compile,
+                                      state="float32", rows=rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
