@@ -15,7 +15,9 @@ requests : prompts x tokens each : decode steps):
   (0: none, 1: all of it).
 
 The decode and prefill rows are different pool slots, so the two never touch each other's states;
-sampled tokens may mix between them (a timing probe, not an engine).
+sampled tokens may mix between them (a timing probe, not an engine). Every prefill takes the eager
+in-pool path: the graph-captured prefills share the decode graphs' memory pool, so replaying both at
+once would overwrite each other's intermediates (a first run of this probe hit an index assert so).
 
     python bench/overlap_probe.py --cases 128:16x512:16,64:16x512:32,192:8x512:8 --out bench/results/overlap.json
     python bench/overlap_probe.py --model xlstm-tiny --cases 3:2x16:2 --no-compile   # plumbing check (CPU)
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     model = XLSTMForCausalLM.from_config(get_preset(args.model), dtype=torch.bfloat16 if cuda else torch.float32,
                                          device=device, seed=0).fuse_projections()
     runner = ModelRunner(model, num_slots=max(d + c for d, c, _, _ in cases),
-                         compile_decode=not args.no_compile, compile_prefill=not args.no_compile)
+                         compile_decode=not args.no_compile, compile_prefill=not args.no_compile,
+                         max_graph_prefill_tokens=0)  # see the module docstring
     mode = DecodeMode.of([GREEDY])
     main_stream = torch.cuda.current_stream() if cuda else None
     side = {"default": torch.cuda.Stream() if cuda else None,
