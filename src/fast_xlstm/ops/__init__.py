@@ -29,7 +29,8 @@ __all__ = ["MLSTMState", "mlstm_chunkwise", "mlstm_step", "mlstm_recurrent", "ml
            "mlstm_chunkwise_torch", "mlstm_step_torch", "register_backend", "resolve_backend", "zero_state",
            "available_backends", "mlstm_step_slots_", "mlstm_step_slots_torch_", "mlstm_chunkwise_planned",
            "planned_prefill_supported", "triton_module", "gate_projection", "head_norm_gate",
-           "head_norm_gate_supported", "linear", "row_kernel_supported", "swiglu", "row_linear_gates"]
+           "head_norm_gate_supported", "linear", "row_kernel_supported", "swiglu", "row_linear_gates",
+           "few_rows_kernel_supported", "FEW_ROWS_MAX"]
 
 
 @dataclass(frozen=True)
@@ -164,14 +165,31 @@ def row_kernel_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.is_contiguous() and not _needs_grad(x, weight) and resolve_backend(x).name == "triton")
 
 
+FEW_ROWS_MAX = 16
+"""The most rows (a decode batch, or a short prefill's tokens) that `linear` sends to the few-row kernel."""
+
+
+def few_rows_kernel_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` of x by this weight goes to the few-row kernel (`triton.few_rows_linear`): 2 to
+    `FEW_ROWS_MAX` rows of 16-bit x, otherwise as `row_kernel_supported`. Under torch.compile with a
+    dynamic row count this test is a guard: one compiled variant each side of it."""
+    rows = x.numel() // x.shape[-1]
+    return (2 <= rows <= FEW_ROWS_MAX and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.is_contiguous() and not _needs_grad(x, weight) and resolve_backend(x).name == "triton")
+
+
 def linear(x: torch.Tensor, lin: torch.nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
     """lin(x) (+ residual), x [..., K] -> [..., N] (residual broadcastable to it, added last). Where
     `row_kernel_supported`, the matrix-vector kernel (`triton.row_linear`: more weight bytes in flight
-    than a GEMM at one row), with the residual add in its epilogue; anything else calls the module,
-    so its hooks (tensor or data parallel wrappers) still run."""
+    than a GEMM at one row), with the residual add in its epilogue; for 2 to 16 rows where
+    `few_rows_kernel_supported`, the few-row tensor-core kernel (`triton.few_rows_linear`); anything
+    else calls the module, so its hooks (tensor or data parallel wrappers) still run."""
     if row_kernel_supported(x, lin.weight) and (residual is None or residual.numel() == lin.out_features):
         return _triton().row_linear_triton(x, lin.weight, lin.bias, residual)
-    y = lin(x)
+    if few_rows_kernel_supported(x, lin.weight):
+        y = _triton().few_rows_linear_triton(x, lin.weight, lin.bias)
+    else:
+        y = lin(x)
     return y if residual is None else residual + y
 
 
@@ -181,7 +199,7 @@ def swiglu(z: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
     row and the product, rounded as the eager ops round; else the module and two elementwise ops."""
     if row_kernel_supported(z, lin.weight) and lin.bias is None:
         return _triton().row_swiglu_triton(z, lin.weight)
-    gate, up = lin(z).split(lin.out_features // 2, dim=-1)
+    gate, up = linear(z, lin).split(lin.out_features // 2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
 

@@ -1,0 +1,84 @@
+"""The matrix product of small-batch decode steps: Y [M, N] = X [M, K] @ W [N, K]^T (+ bias), 16-bit,
+for 2 <= M <= 16 rows.
+
+A decode step of a few sequences reads the 7B's weights once for all of them, so like the one-row
+step it is bound by how fast the weights stream; cuBLAS reached ~2.3 TB/s of weight bytes at batch
+2-16 in the decode steps of the H100 bench (bench/results/h100-7b-fused-rows). Here each program owns
+BN weight rows and walks K in BK-wide tiles, the rows of X padded to 16 on the tensor cores (one
+[16, BK] x [BK, BN] product per tile, fp32 sums rounded once), with the weight tiles' loads pipelined
+over `num_stages` and marked evict-first (each weight byte is read once per step).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from ._common import INTERPRET, dot_dtypes, dotcast, rtne
+
+MAX_ROWS = 16
+"""The most rows this kernel takes: the tensor cores' smallest tile height (more rows go to cuBLAS)."""
+
+
+@triton.jit
+def _few_rows_linear_kernel(X, W, BIAS, Y, M, N, sxm, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, HAS_BIAS: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr):
+    """Y [M, N] (contiguous) = X [M, K] (row stride sxm) @ W [N, K]^T (contiguous) + BIAS [N]; program p
+    owns output columns [p * BN, (p + 1) * BN); rows of X past M are masked to zero."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cmask = cols < N
+    rows = tl.arange(0, BM)
+    rmask = rows < M
+    ks = tl.arange(0, BK)
+    w_ptrs = W + cols[:, None].to(tl.int64) * K + ks[None, :]
+    x_ptrs = X + rows[:, None].to(tl.int64) * sxm + ks[None, :]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + ks) < K
+        x = tl.load(x_ptrs + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=cmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
+        acc += tl.dot(dotcast(x, IN_DT, DOT_DT), tl.trans(dotcast(w, IN_DT, DOT_DT)))
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + rows[:, None].to(tl.int64) * N + cols[None, :]
+    tl.store(y_ptrs, rtne(acc, Y.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def few_rows_tiling(N: int, K: int) -> tuple[int, int, int, int]:
+    """(BN output columns per program, BK input features per tile, warps, stages) for a [N, K] weight."""
+    bk = min(256, triton.next_power_of_2(K))
+    if INTERPRET:
+        return 64, bk, 4, 1
+    return 32, bk, 4, 4
+
+
+@triton_op("fast_xlstm::few_rows_linear", mutates_args=())
+def few_rows_linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] holding 1 to `MAX_ROWS` rows (bf16/fp16) -> [..., N] = x @ weight [N, K]^T + bias, in
+    x's dtype; fp32 sums on the tensor cores, rounded once. No autograd (inference only). A
+    `triton_op`: inside torch.compile the kernel launches from inductor's generated code, with the
+    row count a run-time value (one compiled kernel for every small batch)."""
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K or weight.dtype != x.dtype or x.dtype not in (
+            torch.bfloat16, torch.float16):
+        raise ValueError(f"few_rows_linear: weight {tuple(weight.shape)} {weight.dtype} does not fit x "
+                         f"{tuple(x.shape)} {x.dtype} (16-bit, one dtype)")
+    N = weight.shape[0]
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"few_rows_linear: bias {tuple(bias.shape)} does not fit {N} outputs")
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M > MAX_ROWS:
+        raise ValueError(f"few_rows_linear takes at most {MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    bn, bk, warps, stages = few_rows_tiling(N, K)
+    in_dt, dot_dt, _ = dot_dtypes(x.dtype)
+    kernel = _few_rows_linear_kernel if INTERPRET else wrap_triton(_few_rows_linear_kernel)
+    kernel[(triton.cdiv(N, bn),)](x2, weight.contiguous(), weight if bias is None else bias.contiguous(), y, M, N,
+                                  x2.stride(0), K=K, BM=MAX_ROWS, BN=bn, BK=bk, HAS_BIAS=bias is not None,
+                                  IN_DT=in_dt, DOT_DT=dot_dt, num_warps=warps, num_stages=stages)
+    return y.reshape(*x.shape[:-1], N)
