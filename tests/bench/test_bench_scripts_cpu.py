@@ -124,15 +124,23 @@ def test_startup_time_builds_and_warms_a_compiled_engine(tmp_path):
     assert r["build_s"] > 0 and r["warm_up_s"] > 0
 
 
-def test_decode_step_tiles_overrides_batch_1_only(monkeypatch):
+def test_decode_step_tiles_overrides_the_named_kernel(monkeypatch):
     pytest.importorskip("triton")
+    import fast_xlstm.ops.triton.few_rows_linear as few_rows
     import fast_xlstm.ops.triton.step as step
 
     default = step._tiles
-    monkeypatch.setattr(step, "_tiles", default)  # restored after the test
-    _load("decode_step_tiles").override("256,16,2")
+    monkeypatch.setattr(step, "_tiles", default)  # both restored after the test
+    monkeypatch.setattr(few_rows, "few_rows_tiling", few_rows.few_rows_tiling)
+    mod = _load("decode_step_tiles")
+    mod.override("step:256,16,2")
     assert step._tiles(1, 8, 256, 512) == (256, 16, 2)
     assert step._tiles(64, 8, 256, 512) == default(64, 8, 256, 512) != (256, 16, 2)
+    mod.override("few:32,512,4,3")
+    assert few_rows.few_rows_tiling(4096, 10944) == (32, 512, 4, 3)
+    for bad in ("step:1,2", "few:1,2,3", "tiles:1,2,3"):
+        with pytest.raises(SystemExit, match="expected step"):
+            mod.override(bad)
 
 
 def test_overlap_probe_times_every_way_on_cpu(tmp_path):
