@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +44,32 @@ def parse_cases(text: str) -> list[tuple[int, int, int]]:
     return cases
 
 
+def bench_runner(model_name: str, num_slots: int, compile: bool, **runner_kwargs) -> tuple[ModelRunner, Callable]:
+    """A `ModelRunner` on a preset with random weights (bf16 on CUDA, fp32 on CPU) and fused projections,
+    compiled or not, and the device sync (a no-op on CPU)."""
+    cuda = torch.cuda.is_available()
+    model = XLSTMForCausalLM.from_config(get_preset(model_name), dtype=torch.bfloat16 if cuda else torch.float32,
+                                         device="cuda" if cuda else "cpu", seed=0).fuse_projections()
+    runner = ModelRunner(model, num_slots=num_slots, compile_decode=compile, compile_prefill=compile, **runner_kwargs)
+    return runner, torch.cuda.synchronize if cuda else (lambda: None)
+
+
+def timed_runs(fn: Callable, reset: Callable[[], None], sync: Callable[[], None], repeat: int) -> tuple[list, list]:
+    """Wall ms of `repeat` calls of fn after two warm-ups (kernel specializations, graph captures), each
+    from `reset()` and between device syncs; and what each call returned."""
+    walls, returned = [], []
+    for r in range(repeat + 2):
+        reset()
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        if r >= 2:
+            walls.append(1e3 * (time.perf_counter() - t0))
+            returned.append(out)
+    return walls, returned
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="xlstm-7b")
@@ -54,14 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cases = parse_cases(args.cases)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model = XLSTMForCausalLM.from_config(get_preset(args.model), dtype=torch.bfloat16 if cuda else torch.float32,
-                                         device=device, seed=0).fuse_projections()
-    slots_needed = max(d + c for d, c, _ in cases)
-    runner = ModelRunner(model, num_slots=slots_needed, compile_decode=not args.no_compile,
-                         compile_prefill=not args.no_compile, max_graph_prefill_tokens=args.max_graph_prefill_tokens)
+    runner, sync = bench_runner(args.model, max(d + c for d, c, _ in cases), not args.no_compile,
+                                max_graph_prefill_tokens=args.max_graph_prefill_tokens)
+    model, device = runner.model, runner.device.type
+    cuda = device == "cuda"
     mode = DecodeMode.of([GREEDY])
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -85,19 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
         row = {"decode_rows": dec, "prompts": count, "tokens_each": length}
         for name, fn in (("mixed", mixed), ("split", split)):
-            walls, hosts = [], []
-            for r in range(args.repeat + 2):  # two warm-ups: kernel specializations, graph captures
-                runner.pool.reset(dec_slots + pre_slots)
-                sync()
-                t0 = time.perf_counter()
-                host = fn()
-                sync()
-                if r >= 2:
-                    walls.append(1e3 * (time.perf_counter() - t0))
-                    hosts.append(1e3 * host if host is not None else None)
+            walls, hosts = timed_runs(fn, lambda: runner.pool.reset(dec_slots + pre_slots), sync, args.repeat)
             row[f"{name}_ms"] = statistics.median(walls)
             if name == "mixed":
-                row["mixed_host_launch_ms"] = statistics.median(hosts)
+                row["mixed_host_launch_ms"] = 1e3 * statistics.median(hosts)
         row["split_over_mixed"] = row["split_ms"] / row["mixed_ms"]
         if args.profile and cuda:
             import sys

@@ -27,18 +27,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from contextlib import nullcontext
 
 import torch
 
 from fast_xlstm.bench.report import save_json, script_result
-from fast_xlstm.config import get_preset
-from fast_xlstm.engine.runner import DecodeMode, ModelRunner
-from fast_xlstm.generation.params import SamplingParams
-from fast_xlstm.model import XLSTMForCausalLM
-
-GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+from fast_xlstm.engine.runner import DecodeMode
+from mixed_step import GREEDY, bench_runner, timed_runs
 
 
 def parse_cases(text: str) -> list[tuple[int, int, int, int]]:
@@ -66,14 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cases = parse_cases(args.cases)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model = XLSTMForCausalLM.from_config(get_preset(args.model), dtype=torch.bfloat16 if cuda else torch.float32,
-                                         device=device, seed=0).fuse_projections()
-    runner = ModelRunner(model, num_slots=max(d + c for d, c, _, _ in cases),
-                         compile_decode=not args.no_compile, compile_prefill=not args.no_compile,
-                         max_graph_prefill_tokens=0)  # see the module docstring
+    # every prefill on the eager in-pool path: see the module docstring
+    runner, sync = bench_runner(args.model, max(d + c for d, c, _, _ in cases), not args.no_compile,
+                                max_graph_prefill_tokens=0)
+    model, device = runner.model, runner.device.type
+    cuda = device == "cuda"
     mode = DecodeMode.of([GREEDY])
     main_stream = torch.cuda.current_stream() if cuda else None
     side = {"default": torch.cuda.Stream() if cuda else None,
@@ -107,15 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 "overlap": overlapped("default"), "overlap_hi": overlapped("high")}
         row = {"decode_rows": dec, "prompts": count, "tokens_each": length, "decode_steps": steps}
         for name, fn in ways.items():
-            walls = []
-            for r in range(args.repeat + 2):  # two warm-ups: kernel specializations, graph captures
-                runner.pool.reset(dec_slots + pre_slots)
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                if r >= 2:
-                    walls.append(1e3 * (time.perf_counter() - t0))
+            walls, _ = timed_runs(fn, lambda: runner.pool.reset(dec_slots + pre_slots), sync, args.repeat)
             row[f"{name}_ms"] = statistics.median(walls)
         shorter = min(row["decode_ms"], row["prefill_ms"])
         for name in ("overlap", "overlap_hi"):
