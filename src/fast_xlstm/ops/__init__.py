@@ -156,13 +156,18 @@ def gate_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return torch.nn.functional.linear(x.float(), weight.float(), bias.float())
 
 
+def _inference_16bit(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """16-bit x and a contiguous weight of its dtype, where the Triton kernels run, no gradient needed."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.is_contiguous()
+            and not _needs_grad(x, weight) and resolve_backend(x).name == "triton")
+
+
 def row_kernel_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` (and its fused forms) of x by this weight goes to the one-row kernels: x holds
     one row (a batch-1 decode step), 16-bit like the contiguous weight, where the Triton kernels run
     and no gradient is needed. Under torch.compile the row test is on shapes only: dynamo specializes
     a batch of 1, so a dynamic-shape graph takes the torch path without a guard."""
-    return (x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and weight.is_contiguous() and not _needs_grad(x, weight) and resolve_backend(x).name == "triton")
+    return x.numel() == x.shape[-1] and _inference_16bit(x, weight)
 
 
 FEW_ROWS_MAX = 16
@@ -173,9 +178,7 @@ def few_rows_kernel_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` of x by this weight goes to the few-row kernel (`triton.few_rows_linear`): 2 to
     `FEW_ROWS_MAX` rows of 16-bit x, otherwise as `row_kernel_supported`. Under torch.compile with a
     dynamic row count this test is a guard: one compiled variant each side of it."""
-    rows = x.numel() // x.shape[-1]
-    return (2 <= rows <= FEW_ROWS_MAX and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and weight.is_contiguous() and not _needs_grad(x, weight) and resolve_backend(x).name == "triton")
+    return 2 <= x.numel() // x.shape[-1] <= FEW_ROWS_MAX and _inference_16bit(x, weight)
 
 
 def linear(x: torch.Tensor, lin: torch.nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
