@@ -6,7 +6,9 @@ step it is bound by how fast the weights stream; cuBLAS reached ~2.3 TB/s of wei
 2-16 in the decode steps of the H100 bench (bench/results/h100-7b-fused-rows). Here each program owns
 BN weight rows and walks K in BK-wide tiles, the rows of X padded to 16 on the tensor cores (one
 [16, BK] x [BK, BN] product per tile, fp32 sums rounded once), with the weight tiles' loads pipelined
-over `num_stages` and marked evict-first (each weight byte is read once per step).
+over `num_stages` and marked evict-first (each weight byte is read once per step). On an H100 a
+step's projections and head, replayed as one CUDA graph, took 4.87-4.95 ms at 2-16 rows against
+cuBLAS's 5.07-5.28, and decode at batch 2-16 ran 4-6% faster (bench/results/h100-7b-few-rows).
 """
 
 from __future__ import annotations
