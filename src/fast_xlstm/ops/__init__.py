@@ -217,8 +217,7 @@ def row_linear_gates(x: torch.Tensor, lin: torch.nn.Linear, gate_lin: torch.nn.L
 def head_norm_gate_supported(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `head_norm_gate` has its one-pass kernel for these tensors: 16-bit h, o and weight of one
     dtype where the Triton kernels run, with no gradient needed (the caller keeps its torch code else)."""
-    return (not _needs_grad(h, o, weight) and h.dtype in (torch.bfloat16, torch.float16) and h.dtype == o.dtype == weight.dtype
-            and resolve_backend(h).name == "triton")
+    return o.dtype == h.dtype and not _needs_grad(o) and _inference_16bit(h, weight)
 
 
 def head_norm_gate(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -2,8 +2,8 @@
 for 2 <= M <= 16 rows.
 
 A decode step of a few sequences reads the 7B's weights once for all of them, so like the one-row
-step it is bound by how fast the weights stream; cuBLAS reached ~2.3 TB/s of weight bytes at batch
-2-16 in the decode steps of the H100 bench (bench/results/h100-7b-fused-rows). Here each program owns
+step it is bound by how fast the weights stream; with cuBLAS the H100 bench's decode steps at batch
+2-16 moved 2.31-2.38 TB/s, weights and state counted (the baseline of bench/results/h100-7b-few-rows). Here each program owns
 BN weight rows and walks K in BK-wide tiles, the rows of X padded to 16 on the tensor cores (one
 [16, BK] x [BK, BN] product per tile, fp32 sums rounded once), with the weight tiles' loads pipelined
 over `num_stages` and marked evict-first (each weight byte is read once per step). On an H100 a
