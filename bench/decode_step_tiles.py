@@ -31,7 +31,7 @@ def override(spec: str) -> None:
         default = step._tiles
         step._tiles = lambda B, NH, DK, DV: values if B == 1 else default(B, NH, DK, DV)
     elif kind == "few" and len(values) == 4:
-        few_rows.few_rows_tiling = lambda N, K: values
+        few_rows.few_rows_tiling = lambda N, K, bm=16: values
     else:
         raise SystemExit(f"expected step:BK,BV,warps or few:BN,BK,warps,stages, got {spec!r}")
 

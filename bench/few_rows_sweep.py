@@ -7,7 +7,7 @@ the achieved GB/s of the weight bytes. Then, closer to a real step, it replays a
 projections of all 32 blocks and the head, each block with weights of its own (13.3 GB, nothing
 stays in L2): with cuBLAS, with the op, and with each shape's fastest tiling.
 
-    python bench/few_rows_sweep.py [--rows 2,4,8,16] [--out FILE.json] [--quick]
+    python bench/few_rows_sweep.py [--rows 2,4,8,16,32,64] [--out FILE.json] [--quick]
 """
 
 from __future__ import annotations
@@ -21,20 +21,27 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from fast_xlstm.ops.triton.few_rows_linear import MAX_ROWS, _few_rows_linear_kernel, few_rows_linear_triton
+from fast_xlstm.ops.triton.few_rows_linear import _few_rows_linear_kernel, few_rows_linear_triton
 from gemv_sweep import BLOCK_SHAPES, LAYERS, SHAPES, graph_ms
 
 
-def tilings(quick: bool) -> list[dict]:
-    grid = [dict(bn=bn, bk=bk, warps=w, stages=s)
-            for bn, bk, (w, s) in itertools.product((16, 32, 64), (128, 256, 512), ((4, 3), (4, 5), (8, 4)))]
+def tilings(m: int, quick: bool) -> list[dict]:
+    """Tilings for m rows: every tile height that holds them; at 16 rows and fewer, the 16-row tiles
+    with a wider grid (the sweep that chose the 2-16-row default)."""
+    if m <= 16:
+        grid = [dict(bm=16, bn=bn, bk=bk, warps=w, stages=s)
+                for bn, bk, (w, s) in itertools.product((16, 32, 64), (128, 256, 512), ((4, 3), (4, 5), (8, 4)))]
+    else:
+        grid = [dict(bm=bm, bn=bn, bk=bk, warps=w, stages=s)
+                for bm, bn, bk, (w, s) in itertools.product([b for b in (32, 64) if b >= m], (32, 64), (64, 128, 256),
+                                                             ((4, 3), (4, 4), (8, 3), (8, 4)))]
     return grid[:2] if quick else grid
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, bn: int, bk: int, warps: int, stages: int):
+def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, bm: int, bn: int, bk: int, warps: int, stages: int):
     """The few-row kernel with an explicit tiling (the op picks its own)."""
     (M, K), N = x.shape, w.shape[0]
-    _few_rows_linear_kernel[(triton.cdiv(N, bn),)](x, w, w, out, M, N, x.stride(0), K=K, BM=MAX_ROWS, BN=bn, BK=bk,
+    _few_rows_linear_kernel[(triton.cdiv(N, bn),)](x, w, w, out, M, N, x.stride(0), K=K, BM=bm, BN=bn, BK=bk,
                                                    HAS_BIAS=False, IN_DT=triton.language.bfloat16,
                                                    DOT_DT=triton.language.bfloat16, num_warps=warps,
                                                    num_stages=stages)
@@ -65,7 +72,7 @@ def main() -> None:
             err = ((few_rows_linear_triton(x, w).float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             row["op_rel_err_vs_cublas"] = err
             row["tilings"] = []
-            for cfg in tilings(args.quick):
+            for cfg in tilings(m, args.quick):
                 try:
                     us = 1e3 * triton.testing.do_bench(lambda: launch(x, w, out, **cfg))
                 except Exception as e:  # a tiling that does not fit the SM's shared memory
@@ -74,7 +81,7 @@ def main() -> None:
                 row["tilings"].append({**cfg, "us": us, "gb_s": gb / (us * 1e-6)})
             ok = [t for t in row["tilings"] if "us" in t]
             best = min(ok, key=lambda t: t["us"])
-            best_cfg[name] = {k: best[k] for k in ("bn", "bk", "warps", "stages")}
+            best_cfg[name] = {k: best[k] for k in ("bm", "bn", "bk", "warps", "stages")}
             row["best"] = best
             row["cublas_gb_s"] = gb / (row["cublas_us"] * 1e-6)
             row["op_gb_s"] = gb / (row["op_us"] * 1e-6)

@@ -14,6 +14,11 @@ requests : prompts x tokens each : decode steps):
 - `hidden`: (serial - overlap) / min(decode, prefill), the share of the shorter side that overlap hid
   (0: none, 1: all of it).
 
+With `--green-sms K,...` (CUDA green contexts, `torch.cuda.green_contexts`) each K also splits the SMs:
+decode on a context of K SMs, prefill on one of the rest. `green{K}_decode_ms` / `green{K}_prefill_ms`
+time each side alone on its share, `green{K}_overlap_ms` both at once, and `hidden_green{K}` is
+figured as above. Where the driver or the build refuses, the row records the error instead.
+
 The decode and prefill rows are different pool slots, so the two never touch each other's states;
 sampled tokens may mix between them (a timing probe, not an engine). Every prefill takes the eager
 in-pool path: the graph-captured prefills share the decode graphs' memory pool, so replaying both at
@@ -52,15 +57,31 @@ def parse_cases(text: str) -> list[tuple[int, int, int, int]]:
     return cases
 
 
+def green_streams(num_sms: int) -> tuple[list, torch.cuda.Stream, torch.cuda.Stream]:
+    """Two green contexts on device 0, of num_sms SMs and of the SMs left, and a stream on each:
+    (contexts, which the caller keeps alive; decode stream; prefill stream)."""
+    from torch.cuda.green_contexts import GreenContext
+
+    total = torch.cuda.get_device_properties(0).multi_processor_count
+    contexts, streams = [], []
+    for sms in (num_sms, total - num_sms):
+        ctx = GreenContext.create(num_sms=sms, device_id=0)
+        contexts.append(ctx)
+        streams.append(ctx.Stream())
+    return contexts, streams[0], streams[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="xlstm-7b")
     ap.add_argument("--cases", default="128:16x512:16,64:16x512:32,192:8x512:8,255:4x512:4")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="eager block regions and decode (plumbing checks)")
+    ap.add_argument("--green-sms", default="", help="SM counts for decode's green context, e.g. 32,48 (CUDA)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cases = parse_cases(args.cases)
+    green_sms = [int(k) for k in args.green_sms.split(",") if k]
     # every prefill on the eager in-pool path: see the module docstring
     runner, sync = bench_runner(args.model, max(d + c for d, c, _, _ in cases), not args.no_compile,
                                 max_graph_prefill_tokens=0)
@@ -95,19 +116,60 @@ def main(argv: list[str] | None = None) -> int:
                     main_stream.wait_stream(stream)
             return run
 
+        def on_green(dec_stream, pre_stream, both: bool, which: str = ""):
+            def run() -> None:
+                for s in (dec_stream, pre_stream):
+                    s.wait_stream(main_stream)
+                if both or which == "decode":
+                    decode_steps(dec_stream)
+                if both or which == "prefill":
+                    with torch.cuda.stream(pre_stream):
+                        prefill()
+                for s in (dec_stream, pre_stream):
+                    main_stream.wait_stream(s)
+            return run
+
         ways = {"decode": decode_steps, "prefill": prefill, "serial": lambda: (decode_steps(), prefill()),
                 "overlap": overlapped("default"), "overlap_hi": overlapped("high")}
+        for k in green_sms if cuda else []:
+            try:
+                keep, dec_stream, pre_stream = green_streams(k)
+            except Exception as e:  # an old driver, a build without green contexts, an SM count refused
+                row_error = f"{type(e).__name__}: {e}"
+                print(f"[overlap_probe] green contexts of {k} SMs: {row_error}", flush=True)
+                ways[f"green{k}_error"] = row_error
+                continue
+            ways[f"green{k}_decode"] = on_green(dec_stream, pre_stream, False, "decode")
+            ways[f"green{k}_prefill"] = on_green(dec_stream, pre_stream, False, "prefill")
+            ways[f"green{k}_overlap"] = on_green(dec_stream, pre_stream, True)
+            ways[f"green{k}_contexts"] = keep
         row = {"decode_rows": dec, "prompts": count, "tokens_each": length, "decode_steps": steps}
         for name, fn in ways.items():
-            walls, _ = timed_runs(fn, lambda: runner.pool.reset(dec_slots + pre_slots), sync, args.repeat)
+            if name.endswith("_error"):
+                row[name] = fn
+                continue
+            if name.endswith("_contexts"):
+                continue
+            try:
+                walls, _ = timed_runs(fn, lambda: runner.pool.reset(dec_slots + pre_slots), sync, args.repeat)
+            except Exception as e:  # e.g. a graph or kernel launch a green context refuses
+                row[f"{name}_error"] = f"{type(e).__name__}: {e}"
+                print(f"[overlap_probe] {name}: {row[f'{name}_error']}", flush=True)
+                continue
             row[f"{name}_ms"] = statistics.median(walls)
         shorter = min(row["decode_ms"], row["prefill_ms"])
-        for name in ("overlap", "overlap_hi"):
-            row[f"hidden_{name}"] = (row["serial_ms"] - row[f"{name}_ms"]) / shorter
+        for name in ("overlap", "overlap_hi", *(f"green{k}_overlap" for k in green_sms)):
+            if f"{name}_ms" in row:
+                row[f"hidden_{name.removesuffix('_overlap')}"] = (row["serial_ms"] - row[f"{name}_ms"]) / shorter
         print(f"[overlap_probe] {dec}:{count}x{length}:{steps}: decode {row['decode_ms']:.1f} ms, prefill "
               f"{row['prefill_ms']:.1f}, serial {row['serial_ms']:.1f}, overlap {row['overlap_ms']:.1f} "
               f"(hidden {row['hidden_overlap']:.2f}), high-priority decode {row['overlap_hi_ms']:.1f} "
               f"(hidden {row['hidden_overlap_hi']:.2f})", flush=True)
+        for k in green_sms:
+            if f"green{k}_overlap_ms" in row:
+                print(f"[overlap_probe]   green {k} SMs: decode alone {row[f'green{k}_decode_ms']:.1f} ms, prefill alone "
+                      f"{row[f'green{k}_prefill_ms']:.1f}, both {row[f'green{k}_overlap_ms']:.1f} "
+                      f"(hidden {row[f'hidden_green{k}']:.2f})", flush=True)
         rows.append(row)
     save_json(args.out, script_result("overlap_probe", args.model, device, compiled=not args.no_compile,
                                       state="float32", rows=rows))

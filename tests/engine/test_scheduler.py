@@ -97,3 +97,62 @@ def test_chunks_stop_on_the_last_block_boundary():
     out = s.schedule()
     # A prompt of exactly two blocks stops after the first: its end state is not a cache entry.
     assert [(c.request.request_id, c.start, c.end) for c in out.prefill] == [("exact", 0, 8)]
+
+
+def _decoding(s: Scheduler, n: int, length: int = 3) -> list[Request]:
+    """n requests admitted and fully prefilled (decoding from the next step on)."""
+    rs = [req(f"d{i}", length) for i in range(n)]
+    for r in rs:
+        s.add(r)
+    run_prefill(s.schedule())
+    assert all(r.prefill_done for r in rs)
+    return rs
+
+
+def test_trickle_caps_prefill_while_many_decode_and_little_waits():
+    s = Scheduler(num_slots=8, max_num_batched_tokens=1000, trickle_tokens=5, trickle_min_decode=3)
+    assert s.trickle_backlog == 20  # 4 pieces' worth by default
+    dec = _decoding(s, 3)
+    p = req("p", 18)
+    s.add(p)
+    assert s.prompt_backlog() == 18
+    pieces = []
+    while not p.prefill_done:
+        out = s.schedule()
+        assert out.decode == dec
+        pieces.append(sum(c.end - c.start for c in out.prefill))
+        run_prefill(out)
+    assert pieces == [5, 5, 5, 3]
+
+
+def test_trickle_gives_a_backlog_or_light_decoding_the_full_budget():
+    s = Scheduler(num_slots=8, max_num_batched_tokens=1000, trickle_tokens=5, trickle_min_decode=3)
+    _decoding(s, 3)
+    big = [req("a", 15), req("b", 6)]  # 21 tokens pending > the 20-token backlog
+    for r in big:
+        s.add(r)
+    out = s.schedule()
+    assert [c.end - c.start for c in out.prefill] == [15, 6]  # one pack, as without trickle
+    # Fewer decoding requests than trickle_min_decode: the full budget too.
+    s2 = Scheduler(num_slots=8, max_num_batched_tokens=1000, trickle_tokens=5, trickle_min_decode=3)
+    _decoding(s2, 2)
+    q = req("q", 12)
+    s2.add(q)
+    assert [c.end - c.start for c in s2.schedule().prefill] == [12]
+    # trickle_tokens=0 (the default) never caps.
+    s3 = Scheduler(num_slots=8, max_num_batched_tokens=1000)
+    _decoding(s3, 5)
+    s3.add(r := req("r", 12))
+    assert [c.end - c.start for c in s3.schedule().prefill] == [12] and r.slot is not None
+
+
+def test_prompt_backlog_counts_what_is_left_and_trickle_rejects_bad_args():
+    s = Scheduler(num_slots=1, max_num_batched_tokens=4)
+    a, b = req("a", 10), req("b", 7)
+    s.add(a)
+    s.add(b)
+    run_prefill(s.schedule())  # a: 4 of 10 prefilled; b waits (one slot)
+    assert a.num_prefilled == 4 and s.prompt_backlog() == 6 + 7
+    for kw in ({"trickle_tokens": -1}, {"trickle_min_decode": 0}, {"trickle_backlog": -2}):
+        with pytest.raises(ValueError, match="trickle"):
+            Scheduler(num_slots=1, max_num_batched_tokens=4, **kw)

@@ -68,6 +68,20 @@ class RequestOutput:
     index: int = 0  # which of the request's n completions (request id of completion i > 0: f"{id}:{i}")
 
 
+@dataclass
+class _Launched:
+    """A step on the device whose tokens the host has not read yet: the decoding requests (the first
+    result rows) and, for a mixed step, the requests whose prompts it finishes (the rows after)."""
+    decode: list[Request]
+    done: list[Request]
+    pending: PendingDecode
+    mixed: bool = False
+
+    @property
+    def requests(self) -> list[Request]:
+        return self.decode + self.done
+
+
 class LLMEngine:
     """Continuous batching over a state-slot pool.
 
@@ -89,7 +103,7 @@ class LLMEngine:
                  cache_device_bytes: int = 4 << 30, cache_host_bytes: int = 16 << 30,
                  max_sessions_device_bytes: int = 4 << 30, max_sessions_host_bytes: int = 16 << 30,
                  step_log: str | Path | None = None, async_scheduling: bool = False, mixed_steps: bool = False,
-                 batch1_compile_mode: str | None = "auto"):
+                 trickle_tokens: int = 0, batch1_compile_mode: str | None = "auto"):
         """step_log: a file that gets one JSON line per step (wall time, milliseconds, decode rows,
         prefill sequences and tokens, requests admitted, running and waiting, and the milliseconds
         the process spent in garbage collection since the previous line): how a load unfolds.
@@ -103,7 +117,13 @@ class LLMEngine:
         a CUDA graph when the prefill fits a graph bucket, else the eager in-pool forward. The GEMMs
         read the weights once for both, the decoding requests take the decode step's kernel, fed
         their last sampled token on the device (so the step launches before the previous one is
-        read), and the decode skips a step of its own. The tokens are the same as apart.
+        read), and the decode skips a step of its own. The tokens are the same as apart. With
+        async scheduling a mixed step's tokens are read during the next step, like a decode step's
+        (except where a finished prompt has forked siblings, which need its logits first).
+
+        trickle_tokens: with mixed steps, 0 (off) or the most prompt tokens a step prefills while
+        at least 16 requests decode and little prompt is pending (`Scheduler`): a short piece in
+        a many-row decode step's forward costs a fraction of its own prefill.
 
         batch1_compile_mode: another compile mode for a compiled decode step of one request
         (`ModelRunner`; "auto": the same as larger batches).
@@ -114,7 +134,7 @@ class LLMEngine:
         self._gc_logged = self._gc_clock.seconds if self._gc_clock is not None else 0.0
         self.async_scheduling = async_scheduling
         self.mixed_steps = mixed_steps
-        self._inflight: tuple[list[Request], PendingDecode] | None = None  # launched, not yet read
+        self._inflight: _Launched | None = None  # launched, not yet read
         self.runner = ModelRunner(model, num_slots=max_num_seqs, state_dtype=state_dtype,
                                   use_cuda_graph=use_cuda_graph, compile_decode=compile_decode,
                                   compile_prefill=compile_prefill, max_graph_prefill_tokens=max_graph_prefill_tokens,
@@ -123,8 +143,10 @@ class LLMEngine:
         self.prefix_cache: StateCache[bytes] | None = (
             StateCache(cache_device_bytes, cache_host_bytes) if enable_prefix_cache else None)
         self.sessions: StateCache[str] = StateCache(max_sessions_device_bytes, max_sessions_host_bytes)
+        if trickle_tokens and not mixed_steps:
+            raise ValueError("trickle_tokens needs mixed_steps: the pieces ride in decode steps' forwards")
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, block=self.prefix_block,
-                                   on_admit=self._on_admit)
+                                   on_admit=self._on_admit, trickle_tokens=trickle_tokens)
         self.requests: dict[str, Request] = {}
         self._stop_ids = stop_token_ids(model.config.stop_token_ids, tokenizer)
         self._ids = itertools.count()
@@ -174,7 +196,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         greedy = DecodeMode(sample=False, filters=False, penalties=False, logprobs=False)
         self.runner.warm_up([greedy, dataclasses.replace(greedy, logprobs=True),
-                             dataclasses.replace(greedy, sample=True)], mixed=self.mixed_steps)
+                             dataclasses.replace(greedy, sample=True)], mixed=self.mixed_steps,
+                            mixed_tokens=self.scheduler.trickle_tokens or None)
         return time.perf_counter() - t0
 
     def abort(self, request_id: str) -> bool:
@@ -193,7 +216,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         # (a launched step whose requests have all finished need not be read: nothing comes of it)
         return self.scheduler.has_unfinished() or (
-            self._inflight is not None and not all(r.finished for r in self._inflight[0]))
+            self._inflight is not None and not all(r.finished for r in self._inflight.requests))
 
     def get_session(self, session_id: str) -> Session | None:
         """What a session's kept state has consumed (None if unknown or evicted)."""
@@ -275,23 +298,35 @@ class LLMEngine:
         return list(emitted.values())
 
     def _prefilled(self, chunks: list[PrefillChunk], result: StepResult, emitted: dict[str, RequestOutput]) -> None:
-        """Bookkeeping after a prefill forward: progress, prefix snapshots, and the first tokens of the
-        prompts it finished (`result` rows, in chunk order), forked siblings first."""
+        """Bookkeeping after a prefill forward (`_prefill_launched`), then the first tokens of the
+        prompts it finished (`result` rows, in chunk order)."""
+        self._prefill_launched(chunks)
+        self._first_tokens([c.request for c in chunks if c.is_last], result, emitted)
+
+    def _prefill_launched(self, chunks: list[PrefillChunk]) -> None:
+        """Progress and prefix snapshots of a launched prefill forward. The snapshots queue behind the
+        forward on the device, so they hold its states whether or not its tokens were read yet."""
         for c in chunks:
             c.request.num_prefilled = c.end
             self.stats["prompt_tokens"] += c.end - c.start
             self._snapshot_prefix(c.request, c.end)
-        done = [c.request for c in chunks if c.is_last]
+
+    def _first_tokens(self, done: list[Request], result: StepResult, emitted: dict[str, RequestOutput], *,
+                      consumed_last: set[int] = frozenset()) -> None:
+        """The first tokens of the prompts a prefill finished (`result` rows, in order), forked siblings
+        first; rows of requests aborted since the launch are dropped."""
         now = time.monotonic()
         for r in done:
             r.first_token_time = now
         self._fork(done, result, emitted)  # before the parents' first tokens can finish them
-        self._accept(done, result, emitted)
+        self._accept(done, result, emitted, skip_finished=True, consumed_last=consumed_last)
 
     def _mixed_step(self, sched: SchedulerOutput, emitted: dict[str, RequestOutput]) -> None:
         """Decode and prefill in one forward (`mixed_steps`): decoding requests first, as one-token
         pieces fed on the device. With async scheduling the previous step's tokens are read and
-        reported while this forward runs; this step's are read at its end (nothing stays in flight)."""
+        reported while this forward runs, and this step's stay in flight until the next step has
+        launched; without, or when a finished prompt has forked siblings (they start from its
+        logits and prompt state), they are read at the step's end."""
         t0 = time.perf_counter()
         decode = self._launchable(sched.decode) if self.async_scheduling else sched.decode
         self.stats["mixed_steps"] += bool(decode)  # (none launchable: a plain prefill)
@@ -302,16 +337,31 @@ class LLMEngine:
             [True] * len(decode) + [c.is_last for c in chunks],
             [r.params for r in decode] + [c.request.params for c in chunks])
         self._launched()
+        self._prefill_launched(chunks)
+        done = [c.request for c in chunks if c.is_last]
+        launched = _Launched(decode, done, pending, mixed=True)
         previous, self._inflight = self._inflight, None
         if previous is not None:
-            prev_reqs, prev = previous
             # This forward also feeds the tokens read here (see _decode_overlapped).
-            self._accept(prev_reqs, self.runner.decode_collect(prev), emitted, skip_finished=True,
-                         consumed_last={id(r) for r in decode})
-        result = self.runner.prefill_collect(pending)
+            self._collect(previous, emitted, consumed_last={id(r) for r in decode})
+        if self.async_scheduling and not any(r.children for r in done):
+            self._inflight = launched
+        else:
+            self._collect(launched, emitted)
         self.stats["prefill_time"] += time.perf_counter() - t0
-        self._accept(decode, result.rows(0, len(decode)), emitted, skip_finished=True)
-        self._prefilled(chunks, result.rows(len(decode), len(result.tokens)), emitted)
+
+    def _collect(self, step: _Launched, emitted: dict[str, RequestOutput], *,
+                 consumed_last: set[int] = frozenset()) -> None:
+        """Reads a launched step's tokens and hands them out. consumed_last: ids of requests in a step
+        launched since, whose state will have consumed the token read here (see `_accept`)."""
+        if not step.mixed:
+            self._accept(step.decode, self.runner.decode_collect(step.pending), emitted, skip_finished=True,
+                         consumed_last=consumed_last)
+            return
+        result = self.runner.prefill_collect(step.pending)
+        n = len(step.decode)
+        self._accept(step.decode, result.rows(0, n), emitted, skip_finished=True, consumed_last=consumed_last)
+        self._first_tokens(step.done, result.rows(n, len(result.tokens)), emitted, consumed_last=consumed_last)
 
     def _decode_overlapped(self, reqs: list[Request], emitted: dict[str, RequestOutput]) -> None:
         """Launches this step's decode, then reads and reports the previous step's while it runs."""
@@ -320,16 +370,13 @@ class LLMEngine:
         reqs = self._launchable(reqs)
         if reqs:
             mode = DecodeMode.of([r.params for r in reqs])
-            launched = (reqs, self.runner.decode_launch([r.slot for r in reqs], mode))
+            launched = _Launched(reqs, [], self.runner.decode_launch([r.slot for r in reqs], mode))
             self._launched()
         previous, self._inflight = self._inflight, launched
         if previous is not None:
-            prev_reqs, pending = previous
-            result = self.runner.decode_collect(pending)
             # Requests in the step just launched will have fed their last sampled token to the state
             # by the time a snapshot (queued after that step) is taken.
-            consumed = {id(r) for r in reqs}
-            self._accept(prev_reqs, result, emitted, skip_finished=True, consumed_last=consumed)
+            self._collect(previous, emitted, consumed_last={id(r) for r in reqs})
         self.stats["decode_time"] += time.perf_counter() - t0
 
     def _launchable(self, reqs: list[Request]) -> list[Request]:
@@ -337,7 +384,7 @@ class LLMEngine:
         brings to max_tokens is done: launching it again would compute a token only to drop it, and
         keep the device busy when the next request's prefill comes (the latency of sequential
         requests). Stops on EOS or stop strings stay one step late."""
-        in_flight = {id(r) for r in self._inflight[0]} if self._inflight is not None else set()
+        in_flight = {id(r) for r in self._inflight.requests} if self._inflight is not None else set()
         return [r for r in reqs if len(r.tracker.out.token_ids) + (id(r) in in_flight) < r.params.max_tokens]
 
     def _launched(self) -> None:

@@ -650,10 +650,11 @@ class ModelRunner:
                     self._capture(b, mode)
 
     @torch.inference_mode()
-    def warm_up(self, modes: list[DecodeMode], mixed: bool = False) -> None:
+    def warm_up(self, modes: list[DecodeMode], mixed: bool = False, mixed_tokens: int | None = None) -> None:
         """Does ahead of the first request what would otherwise stall a live step: decode graphs of
         `modes` for every bucket, every graph-prefill bucket (N sequences in T tokens; with `mixed`,
-        the usual mixed-step graphs too), and the
+        the usual mixed-step graphs too, and with `mixed_tokens` those of one or two prompt pieces
+        in that many tokens, the engine's trickle prefill), and the
         JIT compiles of the eager prefill (the Triton kernels specialize on whether the packed
         length is a multiple of 16, so one of each). Uses the first slots and empties them after;
         call it before any request holds a slot."""
@@ -670,12 +671,15 @@ class ModelRunner:
                     t *= 2
             # Mixed steps of one, two or four prompts (a server's usual arrivals) for every
             # decode bucket; padding decode rows (-1) touch no slot. Other layouts capture on first use.
-            t = MIXED_WARM_UP_PROMPT
-            for n in (1, 2, 4) if mixed else ():
-                if n <= self.num_slots and t * n <= self.max_graph_prefill_tokens:
+            shapes = [(n, MIXED_WARM_UP_PROMPT * n) for n in (1, 2, 4)]
+            if mixed_tokens:
+                shapes += [(n, max(mixed_tokens, PREFILL_GRAPH_MIN_TOKENS)) for n in (1, 2)]
+            for n, t in shapes if mixed else ():
+                if n <= self.num_slots and t <= self.max_graph_prefill_tokens:
                     self.pool.reset(list(range(n)))
+                    pieces = [[1] * (t // n)] * n
                     for b in reversed(self.buckets):
-                        self._prefill_planned(self._planned_layout([t] * n), list(range(n)), [[1] * t] * n,
+                        self._prefill_planned(self._planned_layout([len(p) for p in pieces]), list(range(n)), pieces,
                                               dec_slots=[-1] * b)
         for total in (2 * self.max_graph_prefill_tokens + 16, 2 * self.max_graph_prefill_tokens + 17):
             if self.prefill_in_pool:  # one and two sequences: the kernels specialize on counts of 1

@@ -3,6 +3,13 @@
 Requests join free state slots at any step (continuous batching). Prefill is chunked and shares a
 per-step token budget with decode (each decoding request costs one token), so long prompts never
 stall the running streams for long. When all slots are taken, requests wait in FIFO order.
+
+Trickle prefill (`trickle_tokens`): while many requests decode and little prompt is left to prefill,
+a step prefills at most `trickle_tokens` prompt tokens. A decode step of many rows streams the
+weights once for them all and leaves the tensor cores mostly idle, so a short prompt piece riding in
+that forward (a mixed step) costs much less than its own prefill. A backlog (a wave of arrivals, or
+prompts queued while decoding is light) still goes at the full budget: as one large pack it is
+cheaper than many steps' worth of pieces, and its requests start decoding sooner.
 """
 
 from __future__ import annotations
@@ -40,16 +47,26 @@ class Scheduler:
     """Owns the queue, the running set and the slot numbers (0 .. num_slots-1)."""
 
     def __init__(self, num_slots: int, max_num_batched_tokens: int, *, block: int = 0,
-                 on_admit: Callable[[Request], None] | None = None):
+                 on_admit: Callable[[Request], None] | None = None, trickle_tokens: int = 0,
+                 trickle_min_decode: int = 16, trickle_backlog: int | None = None):
         """`block`: prefill chunks end on multiples of it where they can (prefix-cache snapshot points);
         `on_admit(request)`: called when a request gets its slot, before its first chunk is planned
-        (the engine restores cached state there and advances `num_prefilled`)."""
+        (the engine restores cached state there and advances `num_prefilled`).
+
+        trickle_tokens: 0 (off) or the most prompt tokens a step prefills while at least
+        `trickle_min_decode` requests decode and the prompts admitted or waiting have at most
+        `trickle_backlog` tokens left to prefill (default 4 * trickle_tokens)."""
         if num_slots < 1 or max_num_batched_tokens < 1:
             raise ValueError("num_slots and max_num_batched_tokens must be >= 1")
+        if trickle_tokens < 0 or trickle_min_decode < 1 or (trickle_backlog is not None and trickle_backlog < 0):
+            raise ValueError("trickle_tokens and trickle_backlog must be >= 0 and trickle_min_decode >= 1")
         self.num_slots = num_slots
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block = block
         self.on_admit = on_admit
+        self.trickle_tokens = trickle_tokens
+        self.trickle_min_decode = trickle_min_decode
+        self.trickle_backlog = 4 * trickle_tokens if trickle_backlog is None else trickle_backlog
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._free_slots = list(range(num_slots - 1, -1, -1))
@@ -74,6 +91,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         out.decode = [r for r in self.running if r.prefill_done]
         budget -= len(out.decode)
+        if self.trickle_tokens and len(out.decode) >= self.trickle_min_decode and (
+                self.prompt_backlog() <= self.trickle_backlog):
+            budget = min(budget, self.trickle_tokens)
         # A request with forked siblings (n > 1) is admitted with all of them at once.
         while self.waiting and len(self._free_slots) > len(self.waiting[0].children):
             head = self.waiting.popleft()
@@ -104,6 +124,13 @@ class Scheduler:
             out.prefill.append(PrefillChunk(req, start, end))
             budget -= end - start
         return out
+
+    def prompt_backlog(self) -> int:
+        """Prompt tokens still to prefill: running requests' unprefilled rest (from what is already
+        restored or prefilled) and waiting requests' whole prompts (a cache hit may make it less)."""
+        left = sum(len(r.prompt_token_ids) - r.num_prefilled for r in self.running
+                   if r.parent is None and not r.prefill_done)
+        return left + sum(len(r.prompt_token_ids) for r in self.waiting)
 
     def finish(self, request: Request, status: RequestStatus = RequestStatus.FINISHED) -> None:
         """Removes a running or waiting request and frees its slot at once."""

@@ -170,7 +170,7 @@ def row_kernel_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1] and _inference_16bit(x, weight)
 
 
-FEW_ROWS_MAX = 16
+FEW_ROWS_MAX = 64
 """The most rows (a decode batch, or a short prefill's tokens) that `linear` sends to the few-row kernel."""
 
 
@@ -184,7 +184,7 @@ def few_rows_kernel_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, lin: torch.nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
     """lin(x) (+ residual), x [..., K] -> [..., N] (residual broadcastable to it, added last). Where
     `row_kernel_supported`, the matrix-vector kernel (`triton.row_linear`: more weight bytes in flight
-    than a GEMM at one row), with the residual add in its epilogue; for 2 to 16 rows where
+    than a GEMM at one row), with the residual add in its epilogue; for 2 to 64 rows where
     `few_rows_kernel_supported`, the few-row tensor-core kernel (`triton.few_rows_linear`); anything
     else calls the module, so its hooks (tensor or data parallel wrappers) still run."""
     if row_kernel_supported(x, lin.weight) and (residual is None or residual.numel() == lin.out_features):

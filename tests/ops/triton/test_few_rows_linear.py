@@ -1,4 +1,4 @@
-"""The few-row (2-16) tensor-core matrix kernel against the float64 product, and its `ops.linear` dispatch."""
+"""The few-row (2-64) tensor-core matrix kernel against the float64 product, and its `ops.linear` dispatch."""
 
 from __future__ import annotations
 
@@ -33,12 +33,13 @@ TOL = {torch.bfloat16: 2 ** -8 + 1e-5, torch.float16: 2 ** -11 + 1e-5}
 
 
 @pytest.mark.parametrize("tiling", [(16, 64, 4, 1), (64, 128, 4, 2)])
-@pytest.mark.parametrize("m,n,k", [(2, 130, 300), (5, 64, 512), (16, 7, 1000), (11, 200, 96)])
+@pytest.mark.parametrize("m,n,k", [(2, 130, 300), (5, 64, 512), (16, 7, 1000), (11, 200, 96), (17, 90, 200),
+                                   (64, 40, 130)])
 @pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, False), (torch.float16, True)])
 def test_matches_fp64_product(m, n, k, tiling, dtype, bias, device, seed, monkeypatch):
-    """Row counts up to 16 that leave padded rows, columns and widths that leave masked tails, tiles
-    wider than K, with and without a bias."""
-    monkeypatch.setattr(frl, "few_rows_tiling", lambda N, K: tiling)
+    """Row counts up to 64 (both tile heights) that leave padded rows, columns and widths that leave
+    masked tails, tiles wider than K, with and without a bias."""
+    monkeypatch.setattr(frl, "few_rows_tiling", lambda N, K, bm: tiling)
     x, w, b = _inputs(m, n, k, dtype, device, seed, bias)
     y = few_rows_linear_triton(x, w, b)
     assert y.dtype == dtype and y.shape == (m, n)
@@ -57,8 +58,8 @@ def test_reads_strided_rows_and_keeps_leading_dims(device, seed):
 
 def test_rejects_bad_input(device):
     x, w, b = _inputs(4, 16, 32, torch.bfloat16, device, 0, bias=True)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        few_rows_linear_triton(torch.cat([x] * 5), w)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        few_rows_linear_triton(torch.cat([x] * 17), w)
     with pytest.raises(ValueError, match="does not fit x"):
         few_rows_linear_triton(x, w[:, :16])
     with pytest.raises(ValueError, match="does not fit x"):
@@ -74,22 +75,22 @@ def _ran(fn, name: str) -> bool:
 
 
 def test_linear_dispatch_by_row_count(device, seed):
-    """2 to 16 bf16 rows take the kernel (close to the fp64 product); 1 row the matrix-vector kernel;
-    17 rows, fp32 input or input that needs a gradient the module itself (exactly its result)."""
+    """2 to 64 bf16 rows take the kernel (close to the fp64 product); 1 row the matrix-vector kernel;
+    65 rows, fp32 input or input that needs a gradient the module itself (exactly its result)."""
     g = torch.Generator().manual_seed(seed)
     lin = torch.nn.Linear(200, 72, bias=True).to(device, torch.bfloat16)
     with torch.no_grad():
-        for m in (2, 16):
+        for m in (2, 16, 17, 64):
             xm = torch.randn(m, 1, 200, generator=g).to(device, torch.bfloat16)
             assert _ran(lambda: ops.linear(xm, lin), "few_rows_linear")
             assert _rel_err(ops.linear(xm, lin)[:, 0], xm[:, 0], lin.weight, lin.bias) <= TOL[torch.bfloat16]
         x1 = torch.randn(1, 200, generator=g).to(device, torch.bfloat16)
         assert not _ran(lambda: ops.linear(x1, lin), "few_rows_linear")
-        x17 = torch.randn(17, 200, generator=g).to(device, torch.bfloat16)
-        assert not _ran(lambda: ops.linear(x17, lin), "few_rows_linear")
-        torch.testing.assert_close(ops.linear(x17, lin), lin(x17), rtol=0, atol=0)
+        x65 = torch.randn(65, 200, generator=g).to(device, torch.bfloat16)
+        assert not _ran(lambda: ops.linear(x65, lin), "few_rows_linear")
+        torch.testing.assert_close(ops.linear(x65, lin), lin(x65), rtol=0, atol=0)
         lin32 = torch.nn.Linear(200, 72).to(device)
-        assert not _ran(lambda: ops.linear(x17[:4].float(), lin32), "few_rows_linear")
+        assert not _ran(lambda: ops.linear(x65[:4].float(), lin32), "few_rows_linear")
     xg = torch.randn(4, 200, generator=g).to(device, torch.bfloat16).requires_grad_(True)
     assert not _ran(lambda: ops.linear(xg, lin), "few_rows_linear")
     ops.linear(xg, lin).float().sum().backward()

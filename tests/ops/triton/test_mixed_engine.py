@@ -4,6 +4,9 @@ chunkwise kernels on the prompt pieces, one set of GEMMs), and every output equa
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 pytest.importorskip("triton")
@@ -67,3 +70,51 @@ def test_can_mix_covers_packs_past_the_graph_buckets(device):
     assert runner.mixed_layout(2, [100]) is None and runner.can_mix(2, [100, 7])  # past the buckets: in-pool
     assert not runner.can_mix(0, [100]) and not runner.can_mix(2, [])
     assert not runner.can_mix(runner.buckets[-1] + 1, [100])
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=7),
+    SamplingParams(temperature=0.7, seed=3, max_tokens=5, logprobs=1),
+], ids=["greedy", "sampled-logprobs"])
+def test_trickle_prefill_in_deferred_mixed_steps_equals_eager_generate(device, params, tmp_path):
+    """Trickle prefill: prompts go in pieces of at most 4 tokens inside the decode steps' forwards, and
+    with async scheduling each mixed step's tokens are read only after the next step has launched.
+    Every output equals eager generation, and both things did happen."""
+    log = tmp_path / "steps.jsonl"
+    llm = LLM("xlstm-tiny", device=device, dtype="float32", max_num_seqs=3, mixed_steps=True, trickle_tokens=4,
+              async_scheduling=True, step_log=log)
+    sched = llm.engine.scheduler
+    sched.trickle_min_decode, sched.trickle_backlog = 1, 10_000  # trickle whenever anything decodes
+    runner = llm.engine.runner
+    launches, launched_at, deferred = [0], {}, []
+
+    def counting(fn):
+        def launch(*args, **kwargs):
+            launches[0] += 1
+            pending = fn(*args, **kwargs)
+            launched_at[id(pending)] = launches[0]
+            return pending
+        return launch
+
+    collect = runner.prefill_collect
+
+    def collect_noting(pending):
+        deferred.append(launches[0] > launched_at.get(id(pending), launches[0]))
+        return collect(pending)
+
+    runner.prefill_launch = counting(runner.prefill_launch)
+    runner.decode_launch = counting(runner.decode_launch)
+    runner.prefill_collect = collect_noting
+    prompts = PROMPTS + ["the quick brown fox jumps over the lazy dog"]
+    # Staggered lengths: requests finish at different steps, so prompts join while others decode.
+    plist = [dataclasses.replace(params, max_tokens=params.max_tokens + i % 3 * 2) for i in range(len(prompts))]
+    outs = llm.generate(prompts, plist, use_tqdm=False)
+    ref = [generate(llm.model, llm.tokenizer, [p], q)[0] for p, q in zip(prompts, plist)]
+    for o, r in zip(outs, ref):
+        assert o.token_ids == r.token_ids and o.finish_reason == r.finish_reason
+        if params.logprobs is not None:
+            assert o.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    trickled = [s for s in steps if s["decode"] and s["prefill_tokens"]]
+    assert trickled and all(s["prefill_tokens"] <= 4 for s in trickled)
+    assert any(deferred), "no mixed step's tokens were read after the next launch"

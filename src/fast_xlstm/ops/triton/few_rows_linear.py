@@ -21,8 +21,14 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import INTERPRET, dot_dtypes, dotcast, rtne
 
-MAX_ROWS = 16
-"""The most rows this kernel takes: the tensor cores' smallest tile height (more rows go to cuBLAS)."""
+MAX_ROWS = 64
+"""The most rows this kernel takes (more go to cuBLAS, whose GEMMs stream the weights well enough there)."""
+
+
+def few_rows_block(m: int) -> int:
+    """The tile height for m rows: the tensor cores' smallest (16) up to 16 rows, else 64. One height
+    for 17-64 rows keeps torch.compile at one more variant of a dynamic-shape graph, not two."""
+    return 16 if m <= 16 else 64
 
 
 @triton.jit
@@ -49,12 +55,16 @@ def _few_rows_linear_kernel(X, W, BIAS, Y, M, N, sxm, K: tl.constexpr, BM: tl.co
     tl.store(y_ptrs, rtne(acc, Y.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-def few_rows_tiling(N: int, K: int) -> tuple[int, int, int, int]:
-    """(BN output columns per program, BK input features per tile, warps, stages) for a [N, K] weight."""
-    bk = min(256, triton.next_power_of_2(K))
+def few_rows_tiling(N: int, K: int, bm: int = 16) -> tuple[int, int, int, int]:
+    """(BN output columns per program, BK input features per tile, warps, stages) for a [N, K] weight
+    and tile height bm."""
     if INTERPRET:
-        return 64, bk, 4, 1
-    return 32, bk, 4, 4
+        return 64, min(256, triton.next_power_of_2(K)), 4, 1
+    if bm == 16 or N <= 4096:
+        return 32, min(256, triton.next_power_of_2(K)), 4, 4
+    # 64-row tiles of a wide weight (the fused q|k|v|o, gate|up and the head): 128-wide steps, 3 stages
+    # (bench/results/h100-7b-few-rows/sweep-32-64: 4 stages of 256 were 3-10% slower there)
+    return 32, min(128, triton.next_power_of_2(K)), 4, 3
 
 
 @triton_op("fast_xlstm::few_rows_linear", mutates_args=())
@@ -77,10 +87,11 @@ def few_rows_linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None
         raise ValueError(f"few_rows_linear takes at most {MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bn, bk, warps, stages = few_rows_tiling(N, K)
+    bm = few_rows_block(M)
+    bn, bk, warps, stages = few_rows_tiling(N, K, bm)
     in_dt, dot_dt, _ = dot_dtypes(x.dtype)
     kernel = _few_rows_linear_kernel if INTERPRET else wrap_triton(_few_rows_linear_kernel)
     kernel[(triton.cdiv(N, bn),)](x2, weight.contiguous(), weight if bias is None else bias.contiguous(), y, M, N,
-                                  x2.stride(0), K=K, BM=MAX_ROWS, BN=bn, BK=bk, HAS_BIAS=bias is not None,
+                                  x2.stride(0), K=K, BM=bm, BN=bn, BK=bk, HAS_BIAS=bias is not None,
                                   IN_DT=in_dt, DOT_DT=dot_dt, num_warps=warps, num_stages=stages)
     return y.reshape(*x.shape[:-1], N)
