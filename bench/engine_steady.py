@@ -4,7 +4,9 @@
 different steps, and each that finishes is replaced at once by a new request (`--prompt` tokens,
 `--output` tokens). After `--warm-steps` steps the next `--steps` are timed: output tokens per
 second, and how much of the window the GPU was busy (a torch.profiler trace of `--profile-steps`
-of them, kernel intervals merged), so host gaps show apart from device time. Each configuration in
+of them, kernel intervals merged), so host gaps show apart from device time, with the gaps' causes
+(`trace_gaps.idle_gaps`: a host sync or slow launches, labelled by the engine or runner method
+that was running on the host). Each configuration in
 `--configs` is its own engine on the same weights, one after the other in this process:
 
     default       prefill apart from decode (the server's default)
@@ -61,10 +63,44 @@ def busy_ms(prof) -> float:
     return total / 1e3  # (profiler times are in microseconds)
 
 
+TRACED = {"runner": ("prefill_launch", "prefill_collect", "decode_launch", "decode_collect", "_sample_launch",
+                     "_prefill_planned", "_feed_last_tokens", "start_request", "restore", "snapshot"),
+          "engine": ("_accept", "_first_tokens", "_prefill_launched", "_on_admit"),
+          "scheduler": ("schedule",)}
+
+
+def annotate(engine: LLMEngine) -> None:
+    """Wraps the engine's, runner's and scheduler's host steps (`TRACED`) in profiler labels, so an idle
+    gap of the device names the host work it waited on."""
+    for owner, names in TRACED.items():
+        obj = {"runner": engine.runner, "engine": engine, "scheduler": engine.scheduler}[owner]
+        for name in names:
+            fn = getattr(obj, name)
+
+            def labelled(*a, _fn=fn, _label=f"{owner}.{name}", **k):
+                with torch.profiler.record_function(_label):
+                    return _fn(*a, **k)
+            setattr(obj, name, labelled)
+
+
+def idle_by_cause(prof) -> dict:
+    """The traced window's device idle gaps by cause (`trace_gaps.idle_gaps`)."""
+    import tempfile
+    from pathlib import Path
+
+    from trace_gaps import idle_gaps  # (bench/ is the script's folder)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return idle_gaps(path, min_gap_us=20.0, top=12)
+
+
 def run_config(model, name: str, args, sync) -> dict:
     engine = LLMEngine(model, None, max_num_seqs=args.slots, compile_decode=not args.no_compile,
                        compile_prefill=not args.no_compile, async_scheduling=True, **parse_config(name))
     engine.warm_up()
+    annotate(engine)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
 
@@ -95,6 +131,10 @@ def run_config(model, name: str, args, sync) -> dict:
             trace.__exit__(None, None, None)
             profiled = {"steps": args.profile_steps, "wall_ms": wall_ms, "gpu_busy_ms": busy_ms(trace)}
             profiled["gpu_busy_share"] = profiled["gpu_busy_ms"] / wall_ms
+            try:
+                profiled["idle"] = idle_by_cause(trace)
+            except Exception as e:  # the analysis is a diagnostic: its failure must not lose the run
+                profiled["idle_error"] = f"{type(e).__name__}: {e}"
             trace = None
         for o in outs:
             tokens += len(o.new_token_ids) if steps > args.warm_steps else 0
@@ -112,6 +152,8 @@ def run_config(model, name: str, args, sync) -> dict:
           f"{row['mixed_steps']} mixed steps, {row['prompt_tokens']} prompt tokens"
           + (f"; GPU busy {profiled['gpu_busy_share']:.3f} of {profiled['wall_ms']:.1f} ms"
              if "profiled" in row else ""), flush=True)
+    for cause in row.get("profiled", {}).get("idle", {}).get("by_cause", [])[:8]:
+        print(f"[engine_steady]   idle {cause['ms']:7.2f} ms in {cause['gaps']:4d} gaps: {cause['cause']}", flush=True)
     for r in list(engine.requests):
         engine.abort(r)
     del engine
