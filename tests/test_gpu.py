@@ -117,3 +117,35 @@ def test_compiled_bf16_batch1_graph_runs_the_row_linear_kernel_and_matches_batch
     print("one/two", max(one_vs_two), "one/fp32", max(one_vs_fp32), "two/fp32", max(two_vs_fp32))
     assert max(one_vs_fp32) < 1.5 * max(two_vs_fp32) + 1e-3, (one_vs_fp32, two_vs_fp32)
     assert max(one_vs_two) < 2e-2, one_vs_two  # 7.6e-3 on an H100
+
+
+def test_launching_steps_never_waits_for_the_device():
+    """With async scheduling a step is launched while the previous one runs: loading a request's
+    sampling setup, a mixed step (decode rows plus a prompt piece that does not end its prompt and one
+    that does) and a decode step must all queue without a host synchronisation, or the device drains
+    while the host works. Checked with CUDA's sync debug mode set to raise; the tokens are read after."""
+    from fast_xlstm import LLM
+    from fast_xlstm.engine.runner import DecodeMode
+
+    llm = LLM("xlstm-tiny", device="cuda", dtype="bfloat16", max_num_seqs=4, mixed_steps=True)
+    runner = llm.engine.runner
+    greedy = SamplingParams(temperature=0)
+    for slot in range(4):
+        runner.start_request(slot, [], greedy, seed=slot)
+    runner.prefill([0, 1], [random_ids((1, 20), seed=1)[0].tolist(), random_ids((1, 9), seed=2)[0].tolist()],
+                   [True, True], [greedy, greedy])
+    pieces = [None, None, random_ids((1, 16), seed=3)[0].tolist(), random_ids((1, 7), seed=4)[0].tolist()]
+
+    def launch():
+        runner.start_request(3, [], SamplingParams(temperature=0.5, top_p=0.9), seed=7)
+        mixed = runner.prefill_launch([0, 1, 2, 3], pieces, [True, True, False, True], [greedy] * 4)
+        return mixed, runner.decode_launch([0, 1, 3], DecodeMode.of([greedy] * 3))
+
+    launch()  # captures the graphs (a capture may synchronise)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mixed, dec = launch()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(runner.prefill_collect(mixed).tokens) == 3 and len(runner.decode_collect(dec).tokens) == 3

@@ -29,7 +29,7 @@ from ..generation.params import SamplingParams
 from ..generation.sampling import (apply_penalties, counter_exponential_noise, prompt_mask_from_ids, sample,
                                    token_logprobs)
 from ..model import ModelState, XLSTMForCausalLM
-from ..ops.transfer import device_ints
+from ..ops.transfer import copy_to_device, device_ints
 from ..state import StatePool
 
 if TYPE_CHECKING:  # the Triton package is imported only where the kernels can run
@@ -264,10 +264,10 @@ class ModelRunner:
         if reset:
             self.pool.reset([slot])
         top_k = params.top_k if 0 < params.top_k < self.vocab else 0
-        self._long_params[:, slot].copy_(torch.tensor([0, seed, top_k]), non_blocking=True)
-        self._float_params[:, slot].copy_(torch.tensor(
+        copy_to_device(self._long_params[:, slot], torch.tensor([0, seed, top_k]))
+        copy_to_device(self._float_params[:, slot], torch.tensor(
             [params.temperature, params.top_p, params.min_p, params.repetition_penalty, params.presence_penalty,
-             params.frequency_penalty], dtype=torch.float32), non_blocking=True)
+             params.frequency_penalty], dtype=torch.float32))
         if params.has_penalties and self.counts is None:
             self.counts = torch.zeros(self.num_slots + 1, self.vocab, dtype=torch.int32, device=self.device)
             self.prompt_mask = torch.zeros(self.num_slots + 1, self.vocab, dtype=torch.bool, device=self.device)
@@ -333,7 +333,7 @@ class ModelRunner:
         rows = [j for j, is_last in enumerate(last) if is_last]
         if not rows:
             return PendingDecode([], None, None)
-        picked = logits if len(rows) == len(last) else logits[rows]
+        picked = logits if len(rows) == len(last) else logits[device_ints(rows, self.device)]
         pending = self._sample_launch(picked, [slots[j] for j in rows], DecodeMode.of([modes[j] for j in rows]))
         pending.logits = picked  # kept for forked siblings, which sample from the same distribution
         return pending
@@ -438,10 +438,9 @@ class ModelRunner:
             self.mixed_logits = torch.zeros(self.buckets[-1] + PREFILL_GRAPH_SEQS[-1], self.vocab, device=self.device)
         elif not bucket and self.prefill_logits is None:
             self.prefill_logits = torch.zeros(PREFILL_GRAPH_SEQS[-1], self.vocab, device=self.device)
-        entry.buf.copy_(torch.tensor(_plan_buffer_values(layout, slots, pieces), dtype=torch.long), non_blocking=True)
+        copy_to_device(entry.buf, torch.tensor(_plan_buffer_values(layout, slots, pieces), dtype=torch.long))
         if bucket:
-            entry.dec_slots.copy_(torch.tensor(list(dec_slots) + [-1] * (bucket - D), dtype=torch.int32),
-                                  non_blocking=True)
+            copy_to_device(entry.dec_slots, torch.tensor(list(dec_slots) + [-1] * (bucket - D), dtype=torch.int32))
         self._feed_last_tokens(entry.buf[:T], pieces, slots)
         if entry.graph is not None:
             entry.graph.replay()
@@ -502,8 +501,7 @@ class ModelRunner:
 
     def sample_rows(self, logits: torch.Tensor, slots: list[int], params: list[SamplingParams]) -> StepResult:
         """Samples one token per row of `logits` [B, V] for the requests in `slots` and records it."""
-        rows = torch.tensor(slots, device=self.device)
-        return self._sample_and_record(logits, rows, DecodeMode.of(params))
+        return self._sample_and_record(logits, device_ints(slots, self.device), DecodeMode.of(params))
 
     # ---- decode -----------------------------------------------------------------------------------
     def _sample_and_record(self, logits: torch.Tensor, rows: torch.Tensor, mode: DecodeMode,
@@ -603,7 +601,7 @@ class ModelRunner:
         b = self.bucket_for(n)
         if mode.logits and self.out_logits is None:
             self.out_logits = torch.zeros(self.buckets[-1], self.vocab, device=self.device)
-        self.slot_buf[:n].copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
+        copy_to_device(self.slot_buf[:n], torch.tensor(slots, dtype=torch.int32))
         self.slot_buf[n:b].fill_(-1)
         if self.use_cuda_graph:
             graph = self._graphs.get((b, mode)) or self._capture(b, mode)

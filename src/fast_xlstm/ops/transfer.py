@@ -17,3 +17,12 @@ def device_ints(values: list[int], device: torch.device | str) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
+
+
+def copy_to_device(dst: torch.Tensor, values: torch.Tensor) -> None:
+    """dst.copy_(values) for a small host tensor, queued without waiting for the device's queue (the
+    values staged in pinned memory, as in `device_ints`): a step launched while the previous one
+    still runs must not drain the device just to load its inputs."""
+    if dst.device.type == "cuda":
+        values = values.pin_memory()
+    dst.copy_(values, non_blocking=True)
