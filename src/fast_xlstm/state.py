@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import XLSTMConfig
 from .model import ModelState
+from .ops.transfer import device_ints
 
 
 def init_state(config: XLSTMConfig, batch_size: int, *, dtype: torch.dtype = torch.float32,
@@ -108,7 +109,11 @@ class StatePool:
         return state_nbytes(self.layers)
 
     def _index(self, slots: list[int] | torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(slots, dtype=torch.long, device=self.stacked[0].device)
+        # A list goes through pinned memory: a plain host-to-device copy would wait for the device's
+        # queue, and a slot is set up while the previous step still runs.
+        if isinstance(slots, torch.Tensor):
+            return slots.to(device=self.stacked[0].device, dtype=torch.long)
+        return device_ints(list(slots), self.stacked[0].device)
 
     def reset(self, slots: list[int] | torch.Tensor) -> None:
         """Sets rows `slots` to the empty state (where every document starts)."""
