@@ -147,8 +147,9 @@ def test_overlap_probe_times_every_way_on_cpu(tmp_path):
     probe = _load("overlap_probe")
     out = tmp_path / "overlap.json"
     assert probe.main(["--model", "xlstm-tiny", "--cases", "3:2x16:2", "--no-compile", "--repeat", "1",
-                       "--out", str(out)]) == 0
+                       "--green-sms", "8", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
+    assert not any(k.startswith("green") for k in row)  # green contexts are CUDA's: none on CPU
     assert (row["decode_rows"], row["prompts"], row["tokens_each"], row["decode_steps"]) == (3, 2, 16, 2)
     for name in ("decode", "prefill", "serial", "overlap", "overlap_hi"):
         assert row[f"{name}_ms"] > 0
@@ -157,3 +158,18 @@ def test_overlap_probe_times_every_way_on_cpu(tmp_path):
         probe.parse_cases("3:2x16")
     with pytest.raises(SystemExit, match="DECODE:COUNTxLENGTH:STEPS"):
         probe.parse_cases("0:2x16:1")
+
+
+def test_engine_steady_runs_each_config_on_cpu(tmp_path):
+    steady = _load("engine_steady")
+    out = tmp_path / "steady.json"
+    assert steady.main(["--model", "xlstm-tiny", "--slots", "3", "--prompt", "12", "--output", "4", "--warm-steps",
+                        "4", "--steps", "6", "--no-compile", "--configs", "default,trickle4", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["config"] for r in rows] == ["default", "trickle4"]
+    assert rows[1]["options"] == {"mixed_steps": True, "trickle_tokens": 4}
+    for r in rows:  # steady arrivals: every timed step produced tokens and new prompts were prefilled
+        assert r["output_tokens"] >= r["steps"] and r["output_tok_s"] > 0 and r["prompt_tokens"] > 0
+    for bad in ("trickle0", "trickle", "fast"):
+        with pytest.raises(SystemExit, match="--configs"):
+            steady.parse_config(bad)

@@ -153,6 +153,51 @@ def test_64_concurrent_streams_with_mixed_steps(start_server, offline):
     assert srv.metrics()["fast_xlstm_engine_mixed_steps"] > 0
 
 
+def test_trickle_prefill_pieces_ride_in_decode_steps(start_server, offline, tmp_path):
+    """`--trickle-tokens 8` (mixed steps implied): two streams decode, then a third request comes; with
+    a quarter of the 8 slots decoding and its prompt within the 32-token backlog, the prompt goes in
+    pieces of at most 8 tokens inside the decode steps' forwards (their tokens read one step late).
+    All three equal their offline results, and the step log shows the pieces."""
+    import json
+
+    import openai
+
+    pytest.importorskip("triton")
+    log = tmp_path / "steps.jsonl"
+    srv = start_server("--trickle-tokens", "8", "--no-warmup", "--step-log", str(log), api_key="trickle-key",
+                       slots=8, env={"TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else None)
+    texts = ["Once upon a time", "The river ran", "A long prompt that arrives later: " + "word " * 4]
+    late = offline.tokenizer.encode(texts[2])
+    assert 8 < len(late) <= 32
+    max_tokens = [40, 40, 6]
+    expected = offline.generate(texts, [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens],
+                                use_tqdm=False)
+
+    async def stream(client, i: int, started: asyncio.Event | None = None) -> str:
+        text = ""
+        async for c in await client.completions.create(model="xlstm-tiny", prompt=texts[i], max_tokens=max_tokens[i],
+                                                       temperature=0, stream=True):
+            text += c.choices[0].text
+            if started is not None and text:
+                started.set()
+        return text
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key=srv.api_key, max_retries=0) as client:
+            events = [asyncio.Event(), asyncio.Event()]
+            first = [asyncio.create_task(stream(client, i, events[i])) for i in (0, 1)]
+            for e in events:  # both decode before the third comes
+                await e.wait()
+            third = await stream(client, 2)
+            return [*(await asyncio.gather(*first)), third]
+
+    assert asyncio.run(main()) == [e.text for e in expected]
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    pieces = [s["prefill_tokens"] for s in steps if s["decode"] >= 2 and s["prefill_tokens"]]
+    assert pieces and max(pieces) <= 8 and sum(pieces) >= len(late), steps
+    assert srv.metrics()["fast_xlstm_engine_mixed_steps"] > 0
+
+
 def test_async_chat_non_streaming(async_client_factory, offline, ref):
     ids = offline.tokenizer.encode("User: Tell me\nAssistant:")
     [exp] = ref([ids], temperature=0, max_tokens=10)

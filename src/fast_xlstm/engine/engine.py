@@ -122,8 +122,9 @@ class LLMEngine:
         (except where a finished prompt has forked siblings, which need its logits first).
 
         trickle_tokens: with mixed steps, 0 (off) or the most prompt tokens a step prefills while
-        at least 16 requests decode and little prompt is pending (`Scheduler`): a short piece in
-        a many-row decode step's forward costs a fraction of its own prefill.
+        at least 16 requests decode (a quarter of the slots, if that is fewer) and little prompt
+        is pending (`Scheduler`): a short piece in a many-row decode step's forward costs a
+        fraction of its own prefill.
 
         batch1_compile_mode: another compile mode for a compiled decode step of one request
         (`ModelRunner`; "auto": the same as larger batches).
@@ -146,7 +147,8 @@ class LLMEngine:
         if trickle_tokens and not mixed_steps:
             raise ValueError("trickle_tokens needs mixed_steps: the pieces ride in decode steps' forwards")
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, block=self.prefix_block,
-                                   on_admit=self._on_admit, trickle_tokens=trickle_tokens)
+                                   on_admit=self._on_admit, trickle_tokens=trickle_tokens,
+                                   trickle_min_decode=min(16, max(1, max_num_seqs // 4)))
         self.requests: dict[str, Request] = {}
         self._stop_ids = stop_token_ids(model.config.stop_token_ids, tokenizer)
         self._ids = itertools.count()

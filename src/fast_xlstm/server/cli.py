@@ -103,8 +103,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "Triton kernels); off by default: 1.02-1.32x faster steps on an H100, served throughput "
                         "within noise")
     p.add_argument("--trickle-tokens", type=int, default=0, metavar="N",
-                   help="while 16 or more requests decode and at most 4N prompt tokens wait, a step prefills at most N "
-                        "of them inside the decode step's forward (implies --mixed-steps; 0: off)")
+                   help="while 16 or more requests decode (a quarter of --max-num-seqs if fewer) and at most 4N prompt "
+                        "tokens wait, a step prefills at most N of them inside the decode step's forward (implies "
+                        "--mixed-steps; 0: off)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before reading the previous one's tokens, so the host's per-token "
                         "work overlaps the GPU (default on; --no-async-scheduling steps synchronously)")

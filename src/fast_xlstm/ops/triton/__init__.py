@@ -12,7 +12,7 @@ lazily as backend "triton", so `import fast_xlstm.ops` never needs triton.
   row_linear_triton       the matrix-vector product of one-row (batch-1) decode steps (+ residual)
   row_swiglu_triton       one-row fused up projection and SiLU(gate) * up
   row_linear_gates_triton one-row q/k/v/o projection and soft-capped fp32 gates in one launch
-  few_rows_linear_triton  the matrix product of 2-16-row steps (small decode batches) on the tensor cores
+  few_rows_linear_triton  the matrix product of 2-64-row steps (small decode batches) on the tensor cores
 """
 
 from __future__ import annotations

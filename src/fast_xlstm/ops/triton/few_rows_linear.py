@@ -1,14 +1,17 @@
-"""The matrix product of small-batch decode steps: Y [M, N] = X [M, K] @ W [N, K]^T (+ bias), 16-bit,
-for 2 <= M <= 16 rows.
+"""The matrix product of small-batch decode steps and short prefills: Y [M, N] = X [M, K] @ W [N, K]^T
+(+ bias), 16-bit, for 2 <= M <= 64 rows.
 
 A decode step of a few sequences reads the 7B's weights once for all of them, so like the one-row
 step it is bound by how fast the weights stream; with cuBLAS the H100 bench's decode steps at batch
-2-16 moved 2.31-2.38 TB/s, weights and state counted (the baseline of bench/results/h100-7b-few-rows). Here each program owns
-BN weight rows and walks K in BK-wide tiles, the rows of X padded to 16 on the tensor cores (one
-[16, BK] x [BK, BN] product per tile, fp32 sums rounded once), with the weight tiles' loads pipelined
-over `num_stages` and marked evict-first (each weight byte is read once per step). On an H100 a
-step's projections and head, replayed as one CUDA graph, took 4.87-4.95 ms at 2-16 rows against
-cuBLAS's 5.07-5.28, and decode at batch 2-16 ran 4-6% faster (bench/results/h100-7b-few-rows).
+2-16 moved 2.31-2.38 TB/s, weights and state counted (the baseline of bench/results/h100-7b-few-rows).
+Here each program owns BN weight rows and walks K in BK-wide tiles, the rows of X padded to 16 (up to
+16 rows) or 64 on the tensor cores (one [BM, BK] x [BK, BN] product per tile, fp32 sums rounded once),
+with the weight tiles' loads pipelined over `num_stages` and marked evict-first (each weight byte is
+read once per step). On an H100 a step's projections and head, replayed as one CUDA graph, took
+4.87-4.95 ms at 2-16 rows against cuBLAS's 5.07-5.28, and decode at batch 2-16 ran 4-6% faster; at 32
+and 64 rows 5.00-5.16 ms against 5.29-5.35 with each shape's best tiling (the op's rule picks, per shape,
+one within 1% of it), decode +1.9% / +0.6% at batch 32 / 64 and a 64-token graph prefill 7.78 -> 7.60 ms
+(bench/results/h100-7b-few-rows/first-f9c20aa, rows-32-64-d20ef91).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def few_rows_tiling(N: int, K: int, bm: int = 16) -> tuple[int, int, int, int]:
     if bm == 16 or N <= 4096:
         return 32, min(256, triton.next_power_of_2(K)), 4, 4
     # 64-row tiles of a wide weight (the fused q|k|v|o, gate|up and the head): 128-wide steps, 3 stages
-    # (bench/results/h100-7b-few-rows/sweep-32-64: 4 stages of 256 were 3-10% slower there)
+    # (bench/results/h100-7b-few-rows/rows-32-64-d20ef91: 4 stages of 256 were 3-10% slower there)
     return 32, min(128, triton.next_power_of_2(K)), 4, 3
 
 
