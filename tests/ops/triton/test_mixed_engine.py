@@ -118,3 +118,30 @@ def test_trickle_prefill_in_deferred_mixed_steps_equals_eager_generate(device, p
     trickled = [s for s in steps if s["decode"] and s["prefill_tokens"]]
     assert trickled and all(s["prefill_tokens"] <= 4 for s in trickled)
     assert any(deferred), "no mixed step's tokens were read after the next launch"
+
+
+def test_forked_prompt_in_a_mixed_step_is_read_at_once(device):
+    """A prompt with forked siblings (n > 1) that finishes in a mixed step is read at that step's end:
+    its siblings start from its prompt state, which the next step (already launched with async
+    scheduling) would advance. With another request decoding alongside, both greedy completions equal
+    a lone request's (greedy, so a sibling's state error shows in its tokens, not only in noise)."""
+    llm = LLM("xlstm-tiny", device=device, dtype="float32", max_num_seqs=4, mixed_steps=True, trickle_tokens=4,
+              async_scheduling=True)
+    engine = llm.engine
+    engine.scheduler.trickle_min_decode = 1
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    long_run = engine.add_request("The river", dataclasses.replace(greedy, max_tokens=30))
+    engine.step()  # the first request's prefill: it decodes from the next step on
+    mixed_before = engine.stats["mixed_steps"]
+    rid = engine.add_request("Once upon a time", greedy, n=2)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.output.token_ids
+    assert engine.stats["mixed_steps"] > mixed_before
+    assert set(done) == {long_run, rid, f"{rid}:1"}
+    alone = llm.generate(["Once upon a time", "The river"], [greedy, dataclasses.replace(greedy, max_tokens=30)],
+                         use_tqdm=False)
+    assert done[rid] == done[f"{rid}:1"] == alone[0].token_ids
+    assert done[long_run] == alone[1].token_ids
