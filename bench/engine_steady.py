@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import time
 
 import torch
@@ -111,15 +110,16 @@ def run_config(model, name: str, args, sync) -> dict:
     for i in range(args.slots):  # staggered first lengths: departures spread over one request's life
         add(max(1, (i + 1) * args.output // args.slots))
     tokens, steps, mixed0 = 0, 0, 0
-    t0 = None
-    trace = None
-    window = range(args.warm_steps + args.steps // 2, args.warm_steps + args.steps // 2 + args.profile_steps)
+    t0, trace, profiled = None, None, None
+    # the traced steps, in the second half of the timed ones (at most all of that half)
+    start = args.warm_steps + args.steps // 2
+    window = range(start, start + min(args.profile_steps, args.steps - args.steps // 2))
     while steps < args.warm_steps + args.steps:
         if steps == args.warm_steps:
             sync()
             t0, tokens, mixed0 = time.perf_counter(), 0, engine.stats["mixed_steps"]
             prefilled0 = engine.stats["prompt_tokens"]
-        if steps == window.start and args.profile_steps and torch.cuda.is_available():
+        if steps == window.start and len(window) and torch.cuda.is_available():
             trace = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             trace.__enter__()
             tw = time.perf_counter()
@@ -129,7 +129,7 @@ def run_config(model, name: str, args, sync) -> dict:
             sync()
             wall_ms = 1e3 * (time.perf_counter() - tw)
             trace.__exit__(None, None, None)
-            profiled = {"steps": args.profile_steps, "wall_ms": wall_ms, "gpu_busy_ms": busy_ms(trace)}
+            profiled = {"steps": len(window), "wall_ms": wall_ms, "gpu_busy_ms": busy_ms(trace)}
             profiled["gpu_busy_share"] = profiled["gpu_busy_ms"] / wall_ms
             try:
                 profiled["idle"] = idle_by_cause(trace)
@@ -146,7 +146,7 @@ def run_config(model, name: str, args, sync) -> dict:
            "output_tokens": tokens, "output_tok_s": tokens / seconds, "ms_per_step": 1e3 * seconds / args.steps,
            "mixed_steps": engine.stats["mixed_steps"] - mixed0,
            "prompt_tokens": engine.stats["prompt_tokens"] - prefilled0}
-    if args.profile_steps and torch.cuda.is_available():
+    if profiled is not None:
         row["profiled"] = profiled
     print(f"[engine_steady] {name}: {row['output_tok_s']:.0f} output tok/s, {row['ms_per_step']:.2f} ms/step, "
           f"{row['mixed_steps']} mixed steps, {row['prompt_tokens']} prompt tokens"
@@ -156,10 +156,6 @@ def run_config(model, name: str, args, sync) -> dict:
         print(f"[engine_steady]   idle {cause['ms']:7.2f} ms in {cause['gaps']:4d} gaps: {cause['cause']}", flush=True)
     for r in list(engine.requests):
         engine.abort(r)
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return row
 
 
@@ -183,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     model = XLSTMForCausalLM.from_config(get_preset(args.model), dtype=torch.bfloat16 if cuda else torch.float32,
                                          device="cuda" if cuda else "cpu", seed=0).fuse_projections()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rows = [run_config(model, n, args, sync) for n in names]
+    rows = []
+    for n in names:
+        rows.append(run_config(model, n, args, sync))
+        gc.collect()  # the engine (its state pool and graphs) goes before the next one is built
+        if cuda:
+            torch.cuda.empty_cache()
     save_json(args.out, script_result("engine_steady", args.model, "cuda" if cuda else "cpu",
                                       compiled=not args.no_compile, slots=args.slots, prompt=args.prompt,
                                       output=args.output, rows=rows))

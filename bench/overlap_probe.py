@@ -131,25 +131,20 @@ def main(argv: list[str] | None = None) -> int:
 
         ways = {"decode": decode_steps, "prefill": prefill, "serial": lambda: (decode_steps(), prefill()),
                 "overlap": overlapped("default"), "overlap_hi": overlapped("high")}
+        row = {"decode_rows": dec, "prompts": count, "tokens_each": length, "decode_steps": steps}
+        contexts = []  # the green contexts outlive their streams' use
         for k in green_sms if cuda else []:
             try:
-                keep, dec_stream, pre_stream = green_streams(k)
+                ctxs, dec_stream, pre_stream = green_streams(k)
             except Exception as e:  # an old driver, a build without green contexts, an SM count refused
-                row_error = f"{type(e).__name__}: {e}"
-                print(f"[overlap_probe] green contexts of {k} SMs: {row_error}", flush=True)
-                ways[f"green{k}_error"] = row_error
+                row[f"green{k}_error"] = f"{type(e).__name__}: {e}"
+                print(f"[overlap_probe] green contexts of {k} SMs: {row[f'green{k}_error']}", flush=True)
                 continue
+            contexts.append(ctxs)
             ways[f"green{k}_decode"] = on_green(dec_stream, pre_stream, False, "decode")
             ways[f"green{k}_prefill"] = on_green(dec_stream, pre_stream, False, "prefill")
             ways[f"green{k}_overlap"] = on_green(dec_stream, pre_stream, True)
-            ways[f"green{k}_contexts"] = keep
-        row = {"decode_rows": dec, "prompts": count, "tokens_each": length, "decode_steps": steps}
         for name, fn in ways.items():
-            if name.endswith("_error"):
-                row[name] = fn
-                continue
-            if name.endswith("_contexts"):
-                continue
             try:
                 walls, _ = timed_runs(fn, lambda: runner.pool.reset(dec_slots + pre_slots), sync, args.repeat)
             except Exception as e:  # e.g. a graph or kernel launch a green context refuses
