@@ -1,4 +1,4 @@
-"""Helpers shared by tests: tiny random models and error measures."""
+"""Helpers shared by tests: tiny random models, error measures, and running an engine to completion."""
 
 from __future__ import annotations
 
@@ -21,3 +21,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def random_ids(shape: tuple[int, ...], vocab: int = 1024, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, shape, generator=g)
+
+
+def drain(engine) -> dict:
+    """Steps `engine` (an `LLMEngine`) until nothing is left; {request id: its final RequestOutput}."""
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done

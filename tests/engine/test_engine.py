@@ -12,7 +12,7 @@ import torch
 from fast_xlstm import LLM, SamplingParams, generate
 from fast_xlstm.engine.runner import DecodeMode, _by_rows
 
-from modelutil import random_ids, rel_err
+from modelutil import drain, random_ids, rel_err
 
 PROMPTS = ["Once upon a time", "The river", "A", "Über die Brücke ging 🐟 der Fisch, and then", "x y z",
            "hello there, how are you doing today?", "7"]
@@ -111,11 +111,7 @@ def test_n_completions_fork_one_prefill(llm):
     params = SamplingParams(temperature=1.0, seed=11, max_tokens=6)
     before = engine.stats["prompt_tokens"]
     rid = engine.add_request("Once upon a time", params, n=3)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = drain(engine)
     assert set(done) == {rid, f"{rid}:1", f"{rid}:2"} and [done[r].index for r in sorted(done)] == [0, 1, 2]
     prompt_len = len(done[rid].prompt_token_ids)
     assert engine.stats["prompt_tokens"] - before == prompt_len  # prefilled once for three completions

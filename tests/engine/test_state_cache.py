@@ -9,6 +9,8 @@ import torch
 from fast_xlstm import LLM, SamplingParams
 from fast_xlstm.engine.state_cache import StateCache, prefix_keys
 
+from modelutil import drain
+
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
@@ -65,12 +67,12 @@ def test_session_resumes_and_matches_a_full_prefill(models):
     eng = cached.engine
     first = cached.tokenizer.encode("User: tell me a story\nAssistant:")
     rid = eng.add_request(first, GREEDY, session_id="s1")
-    out1 = _drain(eng)[rid]
+    out1 = drain(eng)[rid]
     turn2 = first + out1.output.token_ids + cached.tokenizer.encode("\nUser: and then?\nAssistant:", add_bos=False)
     session = eng.get_session("s1")
     assert session.tokens == first + out1.output.token_ids[:-1]
     rid2 = eng.add_request(turn2, GREEDY, session_id="s1")
-    out2 = _drain(eng)[rid2]
+    out2 = drain(eng)[rid2]
     assert out2.num_cached_tokens >= len(session.tokens)
     ref = plain.generate([turn2], GREEDY, use_tqdm=False)[0]
     assert out2.output.token_ids == ref.token_ids
@@ -95,13 +97,13 @@ def test_async_scheduling_sessions_and_prefix_cache_match_plain(models, mixed_st
         rid = eng.add_request(first, params, session_id=sid)
         other = eng.add_request(llm.tokenizer.encode("Another request, to keep the batch busy"),
                                 SamplingParams(temperature=0, max_tokens=20))
-        done = _drain(eng)
+        done = drain(eng)
         out1 = done[rid].output.token_ids
         assert len(done[other].output.token_ids) == 20
         assert eng.get_session(sid).tokens == first + out1[:kept], sid
         turn2 = first + out1 + llm.tokenizer.encode("\nUser: and then?\nAssistant:", add_bos=False)
         rid2 = eng.add_request(turn2, GREEDY, session_id=sid)
-        out2 = _drain(eng)[rid2]
+        out2 = drain(eng)[rid2]
         assert out2.num_cached_tokens == len(first) + kept, sid
         assert out2.output.token_ids == plain.generate([turn2], GREEDY, use_tqdm=False)[0].token_ids
     prompts = ["You are a careful assistant, answer briefly. " * 2 + q for q in ("Why?", "How?", "Who?")]
@@ -116,22 +118,13 @@ def test_evicted_session_falls_back_to_full_prefill():
     eng = llm.engine
     first = llm.tokenizer.encode("Hello there")
     rid = eng.add_request(first, GREEDY, session_id="s")
-    out1 = _drain(eng)[rid]
+    out1 = drain(eng)[rid]
     assert eng.get_session("s") is None  # nothing fits a zero budget
     turn2 = first + out1.output.token_ids + [5, 6, 7]
     rid2 = eng.add_request(turn2, GREEDY, session_id="s")
-    out2 = _drain(eng)[rid2]
+    out2 = drain(eng)[rid2]
     assert out2.num_cached_tokens == 0
     assert out2.output.token_ids == llm.generate([turn2], GREEDY, use_tqdm=False)[0].token_ids
-
-
-def _drain(engine) -> dict:
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 def test_snapshots_restored_from_the_host_tier():

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 
 from fast_xlstm import LLM, SamplingParams, generate
 
+from modelutil import drain
 from streamutil import streamed_deltas
 
 PROMPTS = ["Once upon a time", "The river", "A", "hello there, how are you?", "x y z"]
@@ -134,11 +135,7 @@ def test_forked_prompt_in_a_mixed_step_is_read_at_once(device):
     engine.step()  # the first request's prefill: it decodes from the next step on
     mixed_before = engine.stats["mixed_steps"]
     rid = engine.add_request("Once upon a time", greedy, n=2)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.output.token_ids
+    done = {k: out.output.token_ids for k, out in drain(engine).items()}
     assert engine.stats["mixed_steps"] > mixed_before
     assert set(done) == {long_run, rid, f"{rid}:1"}
     alone = llm.generate(["Once upon a time", "The river"], [greedy, dataclasses.replace(greedy, max_tokens=30)],
