@@ -58,7 +58,8 @@ class MultiHeadLayerNorm(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: proj_down(SiLU(proj_up_gate z) * proj_up z). `fuse()` merges the two up projections.
     The projections go through `ops.linear` / `ops.swiglu` (for one-row decode steps, matrix-vector
-    kernels that also apply SiLU(gate) * up and the block's residual add)."""
+    kernels, and for 2-64 rows the few-row kernel, that also apply SiLU(gate) * up and the block's
+    residual add)."""
 
     def __init__(self, dim: int, inner: int, bias: bool = False):
         super().__init__()
@@ -84,7 +85,7 @@ class FeedForward(nn.Module):
         self.fused = True
 
     def forward(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """z [..., D] -> [..., D] (+ residual, added by the down projection's kernel for one row)."""
+        """z [..., D] -> [..., D] (+ residual, added by the down projection's kernel for 1-64 rows)."""
         if self.fused:
             act = ops.swiglu(z, self.proj_up_gate_z)
         else:

@@ -49,7 +49,8 @@ class MLSTMBlock(nn.Module):
     def post_cell(self, x: torch.Tensor, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Residual input x, cell output h [..., NH, DV] and o-gate o -> block output (one compiled region)."""
         x = x + self.mlstm_layer._output(h, o)
-        return x + self.ffn(self.norm_ffn(x))
+        # the residual goes to the down projection: for up to 64 rows its kernel adds it (no add kernel)
+        return self.ffn(self.norm_ffn(x), residual=x)
 
     def compile_regions(self, *, dynamic: bool | None = None) -> None:
         """torch.compile (fullgraph) of `pre_cell` and `post_cell`, once: the code before and after the
@@ -77,7 +78,7 @@ class MLSTMBlock(nn.Module):
         The residual adds run on [B, 1, d] views: compiled on a 2-D x, inductor folds each
         `x + linear(..)` into one addmm, which on CUDA first copies x into the GEMM's output (a
         memcpy and a launch per projection); as plain adds they fuse into the next norm's kernel.
-        At batch 1 the FFN's residual add rides in the down projection's matrix-vector kernel.
+        At batches of 1-64 the FFN's residual add rides in the down projection's kernel.
         """
         x = x[:, None]
         x = x + self.mlstm_layer.step_slots(self.norm_mlstm(x[:, 0]), pool, slots)[:, None]

@@ -185,11 +185,15 @@ def linear(x: torch.Tensor, lin: torch.nn.Linear, residual: torch.Tensor | None 
     """lin(x) (+ residual), x [..., K] -> [..., N] (residual broadcastable to it, added last). Where
     `row_kernel_supported`, the matrix-vector kernel (`triton.row_linear`: more weight bytes in flight
     than a GEMM at one row), with the residual add in its epilogue; for 2 to 64 rows where
-    `few_rows_kernel_supported`, the few-row tensor-core kernel (`triton.few_rows_linear`); anything
-    else calls the module, so its hooks (tensor or data parallel wrappers) still run."""
+    `few_rows_kernel_supported`, the few-row tensor-core kernel (`triton.few_rows_linear`), with the
+    add in its epilogue when the residual has the output's shape and dtype; anything else calls the
+    module, so its hooks (tensor or data parallel wrappers) still run."""
     if row_kernel_supported(x, lin.weight) and (residual is None or residual.numel() == lin.out_features):
         return _triton().row_linear_triton(x, lin.weight, lin.bias, residual)
     if few_rows_kernel_supported(x, lin.weight):
+        out_shape = (*x.shape[:-1], lin.out_features)
+        if residual is not None and residual.shape == out_shape and residual.dtype == x.dtype:
+            return _triton().few_rows_linear_triton(x, lin.weight, lin.bias, residual)
         y = _triton().few_rows_linear_triton(x, lin.weight, lin.bias)
     else:
         y = lin(x)
@@ -199,9 +203,13 @@ def linear(x: torch.Tensor, lin: torch.nn.Linear, residual: torch.Tensor | None 
 def swiglu(z: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
     """SiLU(gate) * up of a fused up projection lin ([2I, K]: gate rows, then up rows): z [..., K] ->
     [..., I]. Where `row_kernel_supported`, one kernel (`triton.row_swiglu`) computes both halves of a
-    row and the product, rounded as the eager ops round; else the module and two elementwise ops."""
-    if row_kernel_supported(z, lin.weight) and lin.bias is None:
+    row and the product, rounded as the eager ops round; for 2 to 64 rows where
+    `few_rows_kernel_supported`, the few-row kernel does the same (`triton.few_rows_swiglu`); else the
+    module and two elementwise ops."""
+    if lin.bias is None and row_kernel_supported(z, lin.weight):
         return _triton().row_swiglu_triton(z, lin.weight)
+    if lin.bias is None and few_rows_kernel_supported(z, lin.weight):
+        return _triton().few_rows_swiglu_triton(z, lin.weight)
     gate, up = linear(z, lin).split(lin.out_features // 2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 

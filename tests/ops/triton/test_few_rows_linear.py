@@ -1,4 +1,5 @@
-"""The few-row (2-64) tensor-core matrix kernel against the float64 product, and its `ops.linear` dispatch."""
+"""The few-row (2-64) tensor-core matrix kernel against the float64 product, its residual and SwiGLU
+epilogues, and its `ops.linear` / `ops.swiglu` dispatch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ pytest.importorskip("triton")
 
 from fast_xlstm import ops
 from fast_xlstm.ops.triton import few_rows_linear as frl
-from fast_xlstm.ops.triton import few_rows_linear_triton
+from fast_xlstm.ops.triton import few_rows_linear_triton, few_rows_swiglu_triton
 
 
 def _inputs(m, n, k, dtype, device, seed, bias=False):
@@ -68,6 +69,57 @@ def test_rejects_bad_input(device):
         few_rows_linear_triton(x, w, b[:8])
 
 
+@pytest.mark.parametrize("tiling", [(16, 64, 4, 1), (64, 128, 4, 2)])
+@pytest.mark.parametrize("m", [3, 17, 64])
+def test_residual_add_rounds_like_the_eager_add(m, tiling, device, seed, monkeypatch):
+    """y = round(round(x W^T + b) + r): exactly the plain kernel's rounded product (same tiling) plus
+    the residual, rounded once more, as `residual + linear(x)` rounds 16-bit tensors; also with the
+    residual a strided view ([B, 1, N] rows of a wider tensor)."""
+    monkeypatch.setattr(frl, "few_rows_tiling", lambda N, K, bm: tiling)
+    x, w, b = _inputs(m, 90, 200, torch.bfloat16, device, seed, bias=True)
+    wide = torch.randn(m, 1, 180, generator=torch.Generator().manual_seed(seed + 1)).to(device, torch.bfloat16)
+    r = wide[..., 45:135]  # row stride 180
+    y = few_rows_linear_triton(x[:, None], w, b, r)
+    expected = (few_rows_linear_triton(x[:, None], w, b).float() + r.float()).to(torch.bfloat16)
+    assert y.shape == (m, 1, 90)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    ref = x.double().cpu() @ w.double().cpu().T + b.double().cpu() + r[:, 0].double().cpu()
+    assert ((y[:, 0].double().cpu() - ref).abs().max() / ref.abs().max()).item() <= 2 * TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("tiling", [(16, 64, 4, 1), (64, 128, 4, 2)])
+@pytest.mark.parametrize("m,inner,k", [(2, 37, 300), (17, 64, 200), (64, 40, 130)])
+def test_swiglu_matches_fp64_and_the_eager_ops(m, inner, k, tiling, device, seed, monkeypatch):
+    """SiLU(gate) * up of a [2I, K] weight (gate rows first) against fp64 to a few bf16 half-ulps; and
+    within one rounding of the eager ops on the plain kernel's own rounded halves. Gate and up
+    swapped, or a half's columns shifted, would be off by O(1)."""
+    monkeypatch.setattr(frl, "few_rows_tiling", lambda N, K, bm: tiling)
+    x, w, _ = _inputs(m, 2 * inner, k, torch.bfloat16, device, seed)
+    y = few_rows_swiglu_triton(x, w)
+    assert y.shape == (m, inner) and y.dtype == torch.bfloat16
+    both = x.double().cpu() @ w.double().cpu().T
+    ref = torch.nn.functional.silu(both[:, :inner]) * both[:, inner:]
+    err = ((y.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 4 * TOL[torch.bfloat16], f"relative error {err:.2e}"
+    halves = few_rows_linear_triton(x, w)
+    eager = (torch.nn.functional.silu(halves[:, :inner]) * halves[:, inner:]).double().cpu()
+    assert ((y.double().cpu() - eager).abs().max() / eager.abs().max()).item() <= TOL[torch.bfloat16]
+
+
+def test_epilogues_reject_bad_input(device):
+    x, w, b = _inputs(4, 16, 32, torch.bfloat16, device, 0, bias=True)
+    with pytest.raises(ValueError, match="residual .* does not fit the output"):
+        few_rows_linear_triton(x, w, b, torch.zeros(4, 8, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="residual .* does not fit the output"):
+        few_rows_linear_triton(x, w, b, torch.zeros(4, 16, device=device))  # fp32 residual, bf16 output
+    with pytest.raises(ValueError, match="even count"):
+        few_rows_swiglu_triton(x, w[:15])
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        few_rows_swiglu_triton(torch.cat([x] * 17), w)
+    with pytest.raises(ValueError, match="does not fit x"):
+        few_rows_swiglu_triton(x.float(), w.float())
+
+
 def _ran(fn, name: str) -> bool:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
@@ -95,3 +147,28 @@ def test_linear_dispatch_by_row_count(device, seed):
     assert not _ran(lambda: ops.linear(xg, lin), "few_rows_linear")
     ops.linear(xg, lin).float().sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad.float()).all()
+
+
+def test_swiglu_and_residual_dispatch_by_row_count(device, seed):
+    """2 to 64 bf16 rows: `ops.swiglu` and `ops.linear(.., residual)` take the few-row kernels (no
+    separate SiLU, product or add) and match the torch forms to bf16 rounding; a residual that only
+    broadcasts to the output is added after the kernel, exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    up = torch.nn.Linear(96, 2 * 40, bias=False).to(device, torch.bfloat16)
+    down = torch.nn.Linear(40, 96, bias=False).to(device, torch.bfloat16)
+    with torch.no_grad():
+        for m in (2, 64):
+            z = torch.randn(m, 1, 96, generator=gen).to(device, torch.bfloat16)
+            r = torch.randn(m, 1, 96, generator=gen).to(device, torch.bfloat16)
+            assert _ran(lambda: ops.swiglu(z, up), "few_rows_swiglu")
+            assert not _ran(lambda: ops.swiglu(z, up), "aten::silu")
+            assert not _ran(lambda: ops.linear(ops.swiglu(z, up), down, r), "aten::add")
+            y = ops.linear(ops.swiglu(z, up), down, r)
+            g, u = up(z).split(40, dim=-1)
+            ref = (r + down(torch.nn.functional.silu(g) * u)).double().cpu()
+            assert y.shape == ref.shape
+            assert ((y.double().cpu() - ref).abs().max() / ref.abs().max()).item() <= 4 * TOL[torch.bfloat16]
+        act = ops.swiglu(z, up)
+        r_row = torch.randn(96, generator=gen).to(device, torch.bfloat16)  # broadcasts over the rows
+        assert _ran(lambda: ops.linear(act, down, r_row), "aten::add")
+        torch.testing.assert_close(ops.linear(act, down, r_row), r_row + ops.linear(act, down), rtol=0, atol=0)
