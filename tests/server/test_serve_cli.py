@@ -48,3 +48,39 @@ def test_serve_compiles_by_default_only_on_cuda(monkeypatch, flags, compiled):
     finally:
         gc.unfreeze()
     assert seen["compiled"] == [compiled] * len(seen["compiled"]) and seen["compiled"]
+
+
+@pytest.mark.parametrize("flags,loop,http", [([], "auto", "auto"), (["--loop", "asyncio", "--http", "h11"], "asyncio", "h11")],
+                         ids=["auto", "asyncio-h11"])
+def test_serve_passes_the_event_loop_and_http_parser_to_uvicorn(monkeypatch, flags, loop, http):
+    """--loop / --http reach uvicorn as given (auto by default: uvloop and httptools, which the serve
+    extra installs, when they import)."""
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
+    try:
+        assert main(["serve", "--model", "xlstm-tiny", "--device", "cpu", "--no-warmup", "--port", "0", *flags]) == 0
+    finally:
+        gc.unfreeze()
+    assert (seen["loop"], seen["http"]) == (loop, http)
+
+
+@pytest.mark.parametrize("flag,module", [("--loop", "uvloop"), ("--http", "httptools")])
+def test_serve_names_a_missing_event_loop_or_parser_package(monkeypatch, capsys, flag, module):
+    """Asking for uvloop or httptools where it is not installed stops before the model loads, with
+    the package to install, instead of uvicorn's traceback after start-up."""
+    import importlib.util
+
+    import uvicorn
+
+    from fast_xlstm.server import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("uvicorn started"))
+    assert main(["serve", "--model", "xlstm-tiny", "--device", "cpu", "--no-warmup", "--port", "0", flag, module]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {module} needs the {module} package" in err and "uvicorn[standard]" in err
+    with pytest.raises(SystemExit):
+        main(["serve", flag, "bogus"])
