@@ -105,11 +105,16 @@ def main(argv: list[str] | None = None) -> int:
                        PYTHONPATH=os.pathsep.join([str(roots[name]), *filter(None, [os.environ.get("PYTHONPATH")])]))
             cmd = [c.replace("{out}", str(path)) for c in command]
             with open(out / f"{name}-{rnd}.log", "w") as log:
-                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+                try:
+                    rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        timeout=args.timeout).returncode
+                except subprocess.TimeoutExpired:
+                    rc = "timeout"
             runs.append({"round": rnd, "tree": name, "rc": rc})
             print(f"[ab_trees] round {rnd} {name}: rc {rc}", flush=True)
             if rc != 0:
-                print(f"[ab_trees] {name} failed in round {rnd}: see {out / f'{name}-{rnd}.log'}", file=sys.stderr)
+                why = f"ran past --timeout {args.timeout} s" if rc == "timeout" else "failed"
+                print(f"[ab_trees] {name} {why} in round {rnd}: see {out / f'{name}-{rnd}.log'}", file=sys.stderr)
                 return 1
             for k, v in numeric_leaves(json.loads(path.read_text())).items():
                 values[name].setdefault(k, []).append(v)

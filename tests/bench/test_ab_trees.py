@@ -55,6 +55,11 @@ def test_stops_at_a_failing_run_and_names_its_log(tmp_path, capsys):
                     sys.executable, "-c", PROBE, "{out}", str(tmp_path / "order.txt")]) == 1
     assert "bad failed in round 0" in capsys.readouterr().err
     assert not (tmp_path / "ab" / "ab.json").exists()
+    slow = _tree(tmp_path / "slow", 1.0)
+    (slow / "abprobe.py").write_text("import time\ntime.sleep(30)\nVALUE = 1.0\nRC = 0\n")
+    assert ab.main(["--out", str(tmp_path / "ab3"), "--tree", f"base={base}", "--tree", f"slow={slow}",
+                    "--timeout", "2", "--", sys.executable, "-c", PROBE, "{out}", str(tmp_path / "order3.txt")]) == 1
+    assert "slow ran past --timeout 2.0 s in round 0" in capsys.readouterr().err
 
 
 def test_rejects_bad_arguments(tmp_path):

@@ -118,7 +118,9 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | N
         res = res if res.stride(-1) == 1 else res.contiguous()
     y = torch.empty(M, n, device=x.device, dtype=x.dtype)
     bm = few_rows_block(M)
-    bn, bk, warps, stages = (few_rows_swiglu_tiling if swiglu else few_rows_tiling)(n, K, bm)
+    # (the SwiGLU form reads BN gate and BN up rows per program; half-width tiles for it at 64 rows
+    # measured the same, bench/results/h100-7b-few-rows/epilogues-612f6fd, so it keeps the plain tiling)
+    bn, bk, warps, stages = few_rows_tiling(n, K, bm)
     in_dt, dot_dt, _ = dot_dtypes(x.dtype)
     kernel = _few_rows_linear_kernel if INTERPRET else wrap_triton(_few_rows_linear_kernel)
     w = weight.contiguous()
@@ -127,15 +129,6 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | N
                                   HAS_BIAS=bias is not None, HAS_RES=res is not None, SWIGLU=swiglu,
                                   IN_DT=in_dt, DOT_DT=dot_dt, num_warps=warps, num_stages=stages)
     return y.reshape(*x.shape[:-1], n)
-
-
-def few_rows_swiglu_tiling(N: int, K: int, bm: int = 16) -> tuple[int, int, int, int]:
-    """`few_rows_tiling` for the SwiGLU form, whose programs read BN gate and BN up weight rows: in
-    64-row tiles half as many columns, so a program streams as many weight rows as the plain kernel's
-    (bench/results/h100-7b-few-rows/epilogues-*: with 32 of each, the 64-row steps' up projection
-    took 4 us more than the plain kernel and its SiLU kernel together)."""
-    bn, bk, warps, stages = few_rows_tiling(N, K, bm)
-    return (bn if bm == 16 or INTERPRET else max(16, bn // 2)), bk, warps, stages
 
 
 @triton_op("fast_xlstm::few_rows_linear", mutates_args=())
