@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="eager block regions and decode (plumbing checks)")
     ap.add_argument("--green-sms", default="", help="SM counts for decode's green context, e.g. 32,48 (CUDA)")
+    ap.add_argument("--green-capture", action="store_true",
+                    help="capture the decode graphs on the green decode stream (else in the primary context)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cases = parse_cases(args.cases)
@@ -132,6 +134,17 @@ def main(argv: list[str] | None = None) -> int:
         ways = {"decode": decode_steps, "prefill": prefill, "serial": lambda: (decode_steps(), prefill()),
                 "overlap": overlapped("default"), "overlap_hi": overlapped("high")}
         row = {"decode_rows": dec, "prompts": count, "tokens_each": length, "decode_steps": steps}
+        def time_ways(batch: dict) -> None:
+            for name, fn in batch.items():
+                try:
+                    walls, _ = timed_runs(fn, lambda: runner.pool.reset(dec_slots + pre_slots), sync, args.repeat)
+                except Exception as e:  # e.g. a graph or kernel launch a green context refuses
+                    row[f"{name}_error"] = f"{type(e).__name__}: {e}"
+                    print(f"[overlap_probe] {name}: {row[f'{name}_error']}", flush=True)
+                    continue
+                row[f"{name}_ms"] = statistics.median(walls)
+
+        time_ways(ways)
         contexts = []  # the green contexts outlive their streams' use
         for k in green_sms if cuda else []:
             try:
@@ -141,17 +154,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[overlap_probe] green contexts of {k} SMs: {row[f'green{k}_error']}", flush=True)
                 continue
             contexts.append(ctxs)
-            ways[f"green{k}_decode"] = on_green(dec_stream, pre_stream, False, "decode")
-            ways[f"green{k}_prefill"] = on_green(dec_stream, pre_stream, False, "prefill")
-            ways[f"green{k}_overlap"] = on_green(dec_stream, pre_stream, True)
-        for name, fn in ways.items():
-            try:
-                walls, _ = timed_runs(fn, lambda: runner.pool.reset(dec_slots + pre_slots), sync, args.repeat)
-            except Exception as e:  # e.g. a graph or kernel launch a green context refuses
-                row[f"{name}_error"] = f"{type(e).__name__}: {e}"
-                print(f"[overlap_probe] {name}: {row[f'{name}_error']}", flush=True)
-                continue
-            row[f"{name}_ms"] = statistics.median(walls)
+            if args.green_capture:  # the decode graphs recorded on the decode context's stream
+                runner.capture_decode_on(dec_stream)
+            time_ways({f"green{k}_decode": on_green(dec_stream, pre_stream, False, "decode"),
+                       f"green{k}_prefill": on_green(dec_stream, pre_stream, False, "prefill"),
+                       f"green{k}_overlap": on_green(dec_stream, pre_stream, True)})
+            if args.green_capture:
+                # decode on its K SMs beside a prefill on every SM (the primary context's stream)
+                def beside_full(dec_stream=dec_stream) -> None:
+                    dec_stream.wait_stream(main_stream)
+                    decode_steps(dec_stream)
+                    prefill()
+                    main_stream.wait_stream(dec_stream)
+
+                time_ways({f"green{k}_fullprefill": beside_full})
+                runner.capture_decode_on(None)
         shorter = min(row["decode_ms"], row["prefill_ms"])
         for name in ("overlap", "overlap_hi", *(f"green{k}_overlap" for k in green_sms)):
             if f"{name}_ms" in row:
@@ -164,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             if f"green{k}_overlap_ms" in row:
                 print(f"[overlap_probe]   green {k} SMs: decode alone {row[f'green{k}_decode_ms']:.1f} ms, prefill alone "
                       f"{row[f'green{k}_prefill_ms']:.1f}, both {row[f'green{k}_overlap_ms']:.1f} "
-                      f"(hidden {row[f'hidden_green{k}']:.2f})", flush=True)
+                      f"(hidden {row[f'hidden_green{k}']:.2f})"
+                      + (f", beside a prefill on every SM {row[f'green{k}_fullprefill_ms']:.1f}"
+                         if f"green{k}_fullprefill_ms" in row else ""), flush=True)
         rows.append(row)
     save_json(args.out, script_result("overlap_probe", args.model, device, compiled=not args.no_compile,
                                       state="float32", rows=rows))

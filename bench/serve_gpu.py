@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,16 +27,26 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_server(out: Path, name: str, port: int, model: str, *extra: str) -> subprocess.Popen:
+def start_server(out: Path, name: str, port: int, model: str, *extra: str, fresh_caches: bool = False
+                 ) -> subprocess.Popen:
+    """Starts `fast-xlstm serve` and waits for /health; `ready_s` on the process is how long that took.
+    With `fresh_caches`, the server compiles into empty inductor and Triton caches of its own (a cold
+    start, comparable between variants)."""
     log = open(out / f"server-{name}.log", "w")
+    env = None
+    if fresh_caches:
+        caches = Path(tempfile.mkdtemp(prefix=f"serve_gpu-{name}-"))  # not under `out`: thousands of files
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), TRITON_CACHE_DIR=str(caches / "triton"))
     cmd = [sys.executable, "-m", "fast_xlstm", "serve", "--model", model, "--port", str(port), "--log-level",
            "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     for _ in range(900):
         if proc.poll() is not None:
             raise RuntimeError(f"server {name} exited: {(out / f'server-{name}.log').read_text()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                proc.ready_s = time.perf_counter() - started  # start-up: load, compile, warm-up (1 s grain)
                 return proc
         except httpx.HTTPError:
             pass
@@ -167,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-processes", type=int, default=8,
                     help="load generator processes for the throughput runs (one cannot parse 8k chunks/s, "
                          "nor build requests fast enough for a wave of 64)")
+    ap.add_argument("--fresh-caches", action="store_true",
+                    help="each throughput server compiles into empty caches of its own (cold start-up times)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         if not loads:
             break
         srv = start_server(out, name, port, args.model, "--max-num-seqs", str(most), *compile_flag,
-                           "--step-log", str(out / f"steps-{name}.jsonl"), *common, *extra)
-        runs: dict = {"server_args": common + extra}
+                           "--step-log", str(out / f"steps-{name}.jsonl"), *common, *extra,
+                           fresh_caches=args.fresh_caches)
+        runs: dict = {"server_args": common + extra, "server_ready_s": srv.ready_s}
         try:
             for c, n, rate in loads:
                 arrivals = (["--concurrency", str(c)] if rate is None else

@@ -84,3 +84,28 @@ def test_serve_names_a_missing_event_loop_or_parser_package(monkeypatch, capsys,
     assert f"{flag} {module} needs the {module} package" in err and "uvicorn[standard]" in err
     with pytest.raises(SystemExit):
         main(["serve", flag, "bogus"])
+
+
+def test_serve_trickle_backlog_reaches_the_scheduler(monkeypatch):
+    """--trickle-backlog sets how much pending prompt still trickles (default 4 x --trickle-tokens)."""
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app))
+    for flags, backlog in ((["--trickle-tokens", "8"], 32), (["--trickle-tokens", "8", "--trickle-backlog", "5000"], 5000)):
+        try:
+            assert main(["serve", "--model", "xlstm-tiny", "--device", "cpu", "--no-warmup", "--port", "0",
+                         *flags]) == 0
+        finally:
+            gc.unfreeze()
+        scheduler = seen["app"].state.ctx.engine.engine.scheduler
+        assert (scheduler.trickle_tokens, scheduler.trickle_backlog) == (8, backlog)
+
+
+@pytest.mark.parametrize("flags", [["--trickle-backlog", "100"], ["--trickle-tokens", "8", "--trickle-backlog", "-1"]])
+def test_serve_rejects_a_trickle_backlog_without_trickle_or_below_zero(monkeypatch, capsys, flags):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("uvicorn started"))
+    assert main(["serve", "--model", "xlstm-tiny", "--device", "cpu", "--no-warmup", "--port", "0", *flags]) == 2
+    assert "--trickle-backlog needs --trickle-tokens" in capsys.readouterr().err

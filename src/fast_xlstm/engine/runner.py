@@ -475,6 +475,13 @@ class ModelRunner:
         fed = self.last_token[torch.where(dec_slots >= 0, dec_slots, self.num_slots).long()]
         return self.model.mixed_slots(torch.cat([fed, buf[:T]])[None], self.pool.layers, dec_slots, rows, plan, last)
 
+    def capture_decode_on(self, stream: torch.cuda.Stream | None) -> None:
+        """Drops the captured decode graphs and records later ones on `stream` (None: a side stream
+        of the primary context again). bench/overlap_probe.py --green-capture captures them on a stream
+        of a CUDA green context, to see whether that confines the decode steps to its SMs."""
+        self._graphs.clear()
+        self._side_stream = stream
+
     def _warmup_stream(self) -> torch.cuda.Stream:
         """One side stream for every warm-up and capture (cuBLAS keeps a 32 MiB workspace per stream,
         and a capture on a fresh stream would add one more each time)."""

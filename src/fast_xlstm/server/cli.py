@@ -23,6 +23,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"[fast-xlstm] --{flag} {module} needs the {module} package (pip install 'uvicorn[standard]')",
                   file=sys.stderr)
             return 2
+    if args.trickle_backlog is not None and (args.trickle_backlog < 0 or not args.trickle_tokens):
+        print("[fast-xlstm] --trickle-backlog needs --trickle-tokens N > 0 and a value >= 0", file=sys.stderr)
+        return 2
     import torch
 
     from ..llm import LLM
@@ -49,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               max_sessions_device_bytes=int(args.session_cache_gb * 2**30),
               max_sessions_host_bytes=int(args.session_cache_host_gb * 2**30), step_log=args.step_log,
               async_scheduling=args.async_scheduling, mixed_steps=args.mixed_steps or bool(args.trickle_tokens),
-              trickle_tokens=args.trickle_tokens)
+              trickle_tokens=args.trickle_tokens, trickle_backlog=args.trickle_backlog)
     if args.warmup:
         seconds = llm.engine.warm_up()
         print(f"[fast-xlstm] warmed up in {seconds:.1f} s (decode graphs, graph prefills, kernel compiles)",
@@ -112,6 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="while 16 or more requests decode (a quarter of --max-num-seqs if fewer) and at most 4N prompt "
                         "tokens wait, a step prefills at most N of them inside the decode step's forward (implies "
                         "--mixed-steps; 0: off)")
+    p.add_argument("--trickle-backlog", type=int, default=None, metavar="TOKENS",
+                   help="with --trickle-tokens: the most pending prompt tokens that still trickle (default 4N); "
+                        "above it a step prefills a full pack. A large value trickles whole waves too")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before reading the previous one's tokens, so the host's per-token "
                         "work overlaps the GPU (default on; --no-async-scheduling steps synchronously)")
