@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,8 +42,10 @@ def start_server(out: Path, name: str, port: int, model: str, *extra: str, fresh
            "warning", *extra]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc.caches = caches if fresh_caches else None  # removed by `stop`
     for _ in range(900):
         if proc.poll() is not None:
+            stop(proc)
             raise RuntimeError(f"server {name} exited: {(out / f'server-{name}.log').read_text()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -51,7 +54,7 @@ def start_server(out: Path, name: str, port: int, model: str, *extra: str, fresh
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    proc.kill()
+    stop(proc)
     raise RuntimeError(f"server {name} not ready")
 
 
@@ -61,6 +64,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+    if getattr(proc, "caches", None) is not None:
+        shutil.rmtree(proc.caches, ignore_errors=True)
 
 
 def engine_gauges(port: int) -> dict[str, float]:

@@ -6,11 +6,12 @@ decode steps (count, seconds, mean batch, mean ms per step at the most common ba
 the engine sat idle between steps, decode stalls (intervals between decode steps at that batch more
 than 3 ms over their median) and the time spent in garbage collection (logs that record it).
 
-Usage: python bench/step_log_summary.py STEPS.jsonl LOAD.json [LOAD.json ...]
+Usage: python bench/step_log_summary.py STEPS.jsonl[.gz] LOAD.json [LOAD.json ...]
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from collections import Counter
@@ -49,7 +50,9 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__)
         return 2
-    steps = [json.loads(line) for line in Path(argv[0]).read_text().splitlines() if line.strip()]
+    path = Path(argv[0])
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    steps = [json.loads(line) for line in text.splitlines() if line.strip()]
     for load in argv[1:]:
         data = json.loads(Path(load).read_text())
         if "window_unix_s" not in data:

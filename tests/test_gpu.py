@@ -149,3 +149,26 @@ def test_launching_steps_never_waits_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(runner.prefill_collect(mixed).tokens) == 3 and len(runner.decode_collect(dec).tokens) == 3
+
+
+def test_decode_graphs_recaptured_on_another_stream_give_the_same_tokens():
+    """`capture_decode_on(stream)` drops the decode graphs and records the next ones on `stream` (the
+    overlap probe's green-context streams): the steps replayed from them sample the same tokens as
+    graphs captured on the runner's own side stream, from the same states."""
+    from fast_xlstm import LLM
+    from fast_xlstm.engine.runner import DecodeMode
+
+    llm = LLM("xlstm-tiny", device="cuda", dtype="bfloat16", max_num_seqs=3)
+    runner = llm.engine.runner
+    greedy = SamplingParams(temperature=0)
+    mode = DecodeMode.of([greedy] * 3)
+    prompts = [random_ids((1, n), seed=10 + n)[0].tolist() for n in (5, 12, 21)]
+    runs = []
+    for stream in (None, torch.cuda.Stream()):
+        runner.capture_decode_on(stream)
+        for slot in range(3):
+            runner.start_request(slot, prompts[slot], greedy, seed=slot)
+        runner.prefill([0, 1, 2], prompts, [True] * 3, [greedy] * 3)
+        runs.append([runner.decode([0, 1, 2], mode).tokens for _ in range(6)])
+        assert runner._graphs  # the steps ran as graph replays
+    assert runs[0] == runs[1]

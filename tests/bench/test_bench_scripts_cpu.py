@@ -67,8 +67,11 @@ def test_serve_gpu_runs_variants_loads_and_prefix_on_cpu(tmp_path):
     assert mod.main(["--out", str(out), "--model", "xlstm-tiny", "--device", "cpu", "--no-compile",
                      "--loads", "2:2,2:5@40", "--prompt-tokens", "16", "--output-tokens", "4", "--client-processes", "1",
                      "--prefix-tokens", "600", "--prefix-requests", "3",
-                     "--variant", "base=", "--variant", "mixed=--mixed-steps --max-num-batched-tokens 24"]) == 0
+                     "--variant", "base=", "--variant", "mixed=--mixed-steps --max-num-batched-tokens 24",
+                     "--fresh-caches"]) == 0
     r = json.loads((out / "serve.json").read_text())
+    assert all(r["variants"][v]["server_ready_s"] > 0 for v in ("base", "mixed"))
+    assert not list(out.glob("**/inductor"))  # fresh caches live outside the results folder
     assert set(r["variants"]) == {"base", "mixed"} and r["loads"] == ["c2_n2", "c2_n5_r40"]
     assert r["variants"]["mixed"]["server_args"] == ["--mixed-steps", "--max-num-batched-tokens", "24"]
     for name in ("base", "mixed"):
@@ -147,7 +150,7 @@ def test_overlap_probe_times_every_way_on_cpu(tmp_path):
     probe = _load("overlap_probe")
     out = tmp_path / "overlap.json"
     assert probe.main(["--model", "xlstm-tiny", "--cases", "3:2x16:2", "--no-compile", "--repeat", "1",
-                       "--green-sms", "8", "--out", str(out)]) == 0
+                       "--green-sms", "8", "--green-capture", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert not any(k.startswith("green") for k in row)  # green contexts are CUDA's: none on CPU
     assert (row["decode_rows"], row["prompts"], row["tokens_each"], row["decode_steps"]) == (3, 2, 16, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import time
@@ -31,3 +32,6 @@ def test_summary_of_a_real_step_log(tmp_path, capsys):
     load = tmp_path / "load.json"
     load.write_text(json.dumps({"window_unix_s": list(window), "output_throughput_tok_s": 1.0, "duration_s": 1.0}))
     assert mod.main([str(log), str(load)]) == 0 and "prefill_tokens" in capsys.readouterr().out
+    packed = tmp_path / "steps.jsonl.gz"  # committed step logs are gzipped
+    packed.write_bytes(gzip.compress(log.read_bytes()))
+    assert mod.main([str(packed), str(load)]) == 0 and f"steps {len(steps)}," in capsys.readouterr().out

@@ -477,8 +477,9 @@ class ModelRunner:
 
     def capture_decode_on(self, stream: torch.cuda.Stream | None) -> None:
         """Drops the captured decode graphs and records later ones on `stream` (None: a side stream
-        of the primary context again). bench/overlap_probe.py --green-capture captures them on a stream
-        of a CUDA green context, to see whether that confines the decode steps to its SMs."""
+        of the primary context again). Captured on a stream of a CUDA green context, the decode steps
+        keep to that context's SMs (bench/overlap_probe.py --green-capture; on an H100 they then no
+        longer overlapped a prefill at all, so the engine does not use it)."""
         self._graphs.clear()
         self._side_stream = stream
 

@@ -9,7 +9,11 @@ a step prefills at most `trickle_tokens` prompt tokens. A decode step of many ro
 weights once for them all and leaves the tensor cores mostly idle, so a short prompt piece riding in
 that forward (a mixed step) costs much less than its own prefill. A backlog (a wave of arrivals, or
 prompts queued while decoding is light) still goes at the full budget: as one large pack it is
-cheaper than many steps' worth of pieces, and its requests start decoding sooner.
+cheaper than many steps' worth of pieces, and its requests start decoding sooner. But requests
+prefilled in one pack finish together, so closed-loop clients come back as a wave that packs again;
+a `trickle_backlog` above a wave's size trickles the wave instead, which spreads the requests' ends
+apart for good (worth it while the running set is small; for a wave of hundreds most slots would
+wait for their piece while few decode).
 """
 
 from __future__ import annotations
