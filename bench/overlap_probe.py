@@ -18,6 +18,11 @@ With `--green-sms K,...` (CUDA green contexts, `torch.cuda.green_contexts`) each
 decode on a context of K SMs, prefill on one of the rest. `green{K}_decode_ms` / `green{K}_prefill_ms`
 time each side alone on its share, `green{K}_overlap_ms` both at once, and `hidden_green{K}` is
 figured as above. Where the driver or the build refuses, the row records the error instead.
+`--green-capture` records the decode graphs on the decode context's stream (captured in the primary
+context they run on every SM whatever stream replays them) and adds `green{K}_fullprefill_ms`, the
+confined decode beside a prefill on every SM. torch's green contexts each come from a split of
+their own and can share SMs; `--green-disjoint` makes both from one split (`green{K}_sms` records
+the SM counts the driver gave).
 
 The decode and prefill rows are different pool slots, so the two never touch each other's states;
 sampled tokens may mix between them (a timing probe, not an engine). Every prefill takes the eager
@@ -57,9 +62,16 @@ def parse_cases(text: str) -> list[tuple[int, int, int, int]]:
     return cases
 
 
-def green_streams(num_sms: int) -> tuple[list, torch.cuda.Stream, torch.cuda.Stream]:
+def green_streams(num_sms: int, disjoint: bool = False) -> tuple[list, torch.cuda.Stream, torch.cuda.Stream]:
     """Two green contexts on device 0, of num_sms SMs and of the SMs left, and a stream on each:
-    (contexts, which the caller keeps alive; decode stream; prefill stream)."""
+    (contexts, which the caller keeps alive; decode stream; prefill stream).
+
+    torch's `GreenContext.create` splits the device's SMs anew for each context and takes the first
+    group each time, so two contexts made that way can share SMs (pytorch/pytorch#195378: both
+    start from the same SMs). With `disjoint`, one split (CUDA driver API through cuda-python)
+    gives both contexts: num_sms SMs and the remainder, no SM in both."""
+    if disjoint:
+        return _disjoint_green_streams(num_sms)
     from torch.cuda.green_contexts import GreenContext
 
     total = torch.cuda.get_device_properties(0).multi_processor_count
@@ -71,6 +83,30 @@ def green_streams(num_sms: int) -> tuple[list, torch.cuda.Stream, torch.cuda.Str
     return contexts, streams[0], streams[1]
 
 
+def _disjoint_green_streams(num_sms: int) -> tuple[list, torch.cuda.Stream, torch.cuda.Stream]:
+    from cuda.bindings import driver
+
+    def check(result):
+        err, *values = result if isinstance(result, tuple) else (result,)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"CUDA driver call failed: {err}")
+        return values[0] if len(values) == 1 else values
+
+    torch.cuda.init()  # the primary context exists before the driver calls
+    dev = check(driver.cuDeviceGet(0))
+    sms = check(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+    groups, _, rest = check(driver.cuDevSmResourceSplitByCount(1, sms, 0, num_sms))
+    contexts, streams = [], []
+    for part in (groups[0], rest):
+        desc = check(driver.cuDevResourceGenerateDesc([part], 1))
+        ctx = check(driver.cuGreenCtxCreate(desc, dev, driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+        handle = check(driver.cuGreenCtxStreamCreate(ctx, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+        contexts.append((ctx, handle, part.sm.smCount))
+        streams.append(torch.cuda.get_stream_from_external(int(handle), torch.device("cuda", 0)))
+    print(f"[overlap_probe] disjoint green contexts of {contexts[0][2]} and {contexts[1][2]} SMs", flush=True)
+    return contexts, streams[0], streams[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="xlstm-7b")
@@ -78,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="eager block regions and decode (plumbing checks)")
     ap.add_argument("--green-sms", default="", help="SM counts for decode's green context, e.g. 32,48 (CUDA)")
+    ap.add_argument("--green-disjoint", action="store_true",
+                    help="both green contexts from one SM split (cuda-python), so they share no SM")
     ap.add_argument("--green-capture", action="store_true",
                     help="capture the decode graphs on the green decode stream (else in the primary context)")
     ap.add_argument("--out", default=None)
@@ -148,12 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         contexts = []  # the green contexts outlive their streams' use
         for k in green_sms if cuda else []:
             try:
-                ctxs, dec_stream, pre_stream = green_streams(k)
+                ctxs, dec_stream, pre_stream = green_streams(k, disjoint=args.green_disjoint)
             except Exception as e:  # an old driver, a build without green contexts, an SM count refused
                 row[f"green{k}_error"] = f"{type(e).__name__}: {e}"
                 print(f"[overlap_probe] green contexts of {k} SMs: {row[f'green{k}_error']}", flush=True)
                 continue
             contexts.append(ctxs)
+            if args.green_disjoint:
+                row[f"green{k}_sms"] = [sms for _, _, sms in ctxs]
             if args.green_capture:  # the decode graphs recorded on the decode context's stream
                 runner.capture_decode_on(dec_stream)
             time_ways({f"green{k}_decode": on_green(dec_stream, pre_stream, False, "decode"),

@@ -150,7 +150,7 @@ def test_overlap_probe_times_every_way_on_cpu(tmp_path):
     probe = _load("overlap_probe")
     out = tmp_path / "overlap.json"
     assert probe.main(["--model", "xlstm-tiny", "--cases", "3:2x16:2", "--no-compile", "--repeat", "1",
-                       "--green-sms", "8", "--green-capture", "--out", str(out)]) == 0
+                       "--green-sms", "8", "--green-capture", "--green-disjoint", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert not any(k.startswith("green") for k in row)  # green contexts are CUDA's: none on CPU
     assert (row["decode_rows"], row["prompts"], row["tokens_each"], row["decode_steps"]) == (3, 2, 16, 2)

@@ -478,8 +478,9 @@ class ModelRunner:
     def capture_decode_on(self, stream: torch.cuda.Stream | None) -> None:
         """Drops the captured decode graphs and records later ones on `stream` (None: a side stream
         of the primary context again). Captured on a stream of a CUDA green context, the decode steps
-        keep to that context's SMs (bench/overlap_probe.py --green-capture; on an H100 they then no
-        longer overlapped a prefill at all, so the engine does not use it)."""
+        keep to that context's SMs (bench/overlap_probe.py --green-capture). The engine does not use
+        it: on an H100 they then no longer overlapped a prefill at all, with contexts that likely
+        shared SMs (see the probe's --green-disjoint)."""
         self._graphs.clear()
         self._side_stream = stream
 
