@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         ways = {"decode": decode_steps, "prefill": prefill, "serial": lambda: (decode_steps(), prefill()),
                 "overlap": overlapped("default"), "overlap_hi": overlapped("high")}
         row = {"decode_rows": dec, "prompts": count, "tokens_each": length, "decode_steps": steps}
+
         def time_ways(batch: dict) -> None:
             for name, fn in batch.items():
                 try:
