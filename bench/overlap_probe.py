@@ -86,8 +86,8 @@ def green_streams(num_sms: int, disjoint: bool = False) -> tuple[list, torch.cud
 def _disjoint_green_streams(num_sms: int) -> tuple[list, torch.cuda.Stream, torch.cuda.Stream]:
     from cuda.bindings import driver
 
-    def check(result):
-        err, *values = result if isinstance(result, tuple) else (result,)
+    def check(result: tuple):  # cuda-python returns (CUresult, *outputs)
+        err, *values = result
         if err != driver.CUresult.CUDA_SUCCESS:
             raise RuntimeError(f"CUDA driver call failed: {err}")
         return values[0] if len(values) == 1 else values

@@ -113,8 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "within noise")
     p.add_argument("--trickle-tokens", type=int, default=0, metavar="N",
                    help="while 16 or more requests decode (a quarter of --max-num-seqs if fewer) and at most 4N prompt "
-                        "tokens wait, a step prefills at most N of them inside the decode step's forward (implies "
-                        "--mixed-steps; 0: off)")
+                        "tokens wait (--trickle-backlog), a step prefills at most N of them inside the decode step's forward "
+                        "(implies --mixed-steps; 0: off)")
     p.add_argument("--trickle-backlog", type=int, default=None, metavar="TOKENS",
                    help="with --trickle-tokens: the most pending prompt tokens that still trickle (default 4N); "
                         "above it a step prefills a full pack. A large value trickles whole waves too")
@@ -129,7 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     # uvicorn's choices; "auto" takes uvloop and httptools when installed (the `serve` extra installs them:
     # on a 2-core CPU with the tiny model a prefix-hit request's time to first token fell 0.2-0.8 ms
-    # with them, bench/results/cpu-server-http)
+    # with them, bench/results/cpu-server-http; on an H100 host no measurable change, h100-serve/prefix-http-a4c2d25)
     p.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"),
                    help="the server's event loop (default: uvloop when installed)")
     p.add_argument("--http", default="auto", choices=("auto", "h11", "httptools"),
