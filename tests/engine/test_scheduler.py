@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fast_xlstm.engine.request import Request, RequestStatus
-from fast_xlstm.engine.scheduler import Scheduler
+from fast_xlstm.engine.scheduler import Scheduler, trickle_min_decode
 from fast_xlstm.generation.params import SamplingParams
 from fast_xlstm.generation.tracker import RequestTracker
 
@@ -146,6 +146,21 @@ def test_trickle_gives_a_backlog_or_light_decoding_the_full_budget():
     assert [c.end - c.start for c in s3.schedule().prefill] == [12] and r.slot is not None
 
 
+def test_trickle_stops_above_trickle_max_decode():
+    """With more decoding requests than trickle_max_decode a step takes the full budget (one pack);
+    at exactly that many it still trickles."""
+    for decoding, pieces in ((4, [5]), (5, [12])):
+        s = Scheduler(num_slots=8, max_num_batched_tokens=1000, trickle_tokens=5, trickle_min_decode=3,
+                      trickle_max_decode=4)
+        _decoding(s, decoding)
+        s.add(req("p", 12))
+        assert [c.end - c.start for c in s.schedule().prefill] == pieces, decoding
+
+
+def test_trickle_min_decode_is_16_or_a_quarter_of_the_slots():
+    assert [trickle_min_decode(n) for n in (1, 3, 8, 64, 256)] == [1, 1, 2, 16, 16]
+
+
 def test_prompt_backlog_counts_what_is_left_and_trickle_rejects_bad_args():
     s = Scheduler(num_slots=1, max_num_batched_tokens=4)
     a, b = req("a", 10), req("b", 7)
@@ -153,6 +168,7 @@ def test_prompt_backlog_counts_what_is_left_and_trickle_rejects_bad_args():
     s.add(b)
     run_prefill(s.schedule())  # a: 4 of 10 prefilled; b waits (one slot)
     assert a.num_prefilled == 4 and s.prompt_backlog() == 6 + 7
-    for kw in ({"trickle_tokens": -1}, {"trickle_min_decode": 0}, {"trickle_backlog": -2}):
+    for kw in ({"trickle_tokens": -1}, {"trickle_min_decode": 0}, {"trickle_backlog": -2},
+               {"trickle_min_decode": 4, "trickle_max_decode": 3}):
         with pytest.raises(ValueError, match="trickle"):
             Scheduler(num_slots=1, max_num_batched_tokens=4, **kw)

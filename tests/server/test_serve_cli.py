@@ -86,26 +86,53 @@ def test_serve_names_a_missing_event_loop_or_parser_package(monkeypatch, capsys,
         main(["serve", flag, "bogus"])
 
 
-def test_serve_trickle_backlog_reaches_the_scheduler(monkeypatch):
-    """--trickle-backlog sets how much pending prompt still trickles (default 4 x --trickle-tokens)."""
+def test_serve_trickle_options_reach_the_scheduler(monkeypatch):
+    """--trickle-tokens / --trickle-backlog / --trickle-max-decode reach the scheduler; off CUDA trickle
+    is off unless asked for (mixed steps need the Triton kernels), and the backlog defaults to 64N."""
     import uvicorn
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app))
-    for flags, backlog in ((["--trickle-tokens", "8"], 32), (["--trickle-tokens", "8", "--trickle-backlog", "5000"], 5000)):
+    for flags, want in (([], (0, 0, None)), (["--trickle-tokens", "8"], (8, 512, 128)),
+                        (["--trickle-tokens", "8", "--trickle-backlog", "5000", "--trickle-max-decode", "40"],
+                         (8, 5000, 40))):
         try:
             assert main(["serve", "--model", "xlstm-tiny", "--device", "cpu", "--no-warmup", "--port", "0",
                          *flags]) == 0
         finally:
             gc.unfreeze()
-        scheduler = seen["app"].state.ctx.engine.engine.scheduler
-        assert (scheduler.trickle_tokens, scheduler.trickle_backlog) == (8, backlog)
+        engine = seen["app"].state.ctx.engine.engine
+        scheduler = engine.scheduler
+        assert (scheduler.trickle_tokens, scheduler.trickle_backlog, scheduler.trickle_max_decode) == want, flags
+        assert engine.mixed_steps == bool(want[0])
 
 
-@pytest.mark.parametrize("flags", [["--trickle-backlog", "100"], ["--trickle-tokens", "8", "--trickle-backlog", "-1"]])
-def test_serve_rejects_a_trickle_backlog_without_trickle_or_below_zero(monkeypatch, capsys, flags):
+def test_trickle_defaults_on_cuda():
+    """On CUDA trickle is on by default: 256-token pieces while at most 64 pieces' worth waits and at
+    most 128 requests decode."""
+    from fast_xlstm.cli import build_parser
+    from fast_xlstm.server.cli import trickle_options
+
+    def resolved(*flags: str, cuda: bool = True):
+        return trickle_options(build_parser().parse_args(["serve", *flags]), cuda)
+
+    assert resolved() == {"trickle_tokens": 256, "trickle_backlog": 16384, "trickle_max_decode": 128}
+    assert resolved(cuda=False) == {"trickle_tokens": 0}
+    assert resolved("--trickle-tokens", "0") == {"trickle_tokens": 0}
+    assert resolved("--trickle-tokens", "64", "--max-num-seqs", "8") == {
+        "trickle_tokens": 64, "trickle_backlog": 4096, "trickle_max_decode": 128}
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--trickle-backlog", "100"], "need --trickle-tokens N > 0"),
+    (["--trickle-max-decode", "100"], "need --trickle-tokens N > 0"),
+    (["--trickle-tokens", "8", "--trickle-backlog", "-1"], "--trickle-backlog must be >= 0"),
+    (["--trickle-tokens", "-8"], "--trickle-tokens must be >= 0"),
+    (["--trickle-tokens", "8", "--trickle-max-decode", "15"], "--trickle-max-decode must be >= 16"),
+])
+def test_serve_rejects_bad_trickle_options(monkeypatch, capsys, flags, error):
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("uvicorn started"))
     assert main(["serve", "--model", "xlstm-tiny", "--device", "cpu", "--no-warmup", "--port", "0", *flags]) == 2
-    assert "--trickle-backlog needs --trickle-tokens" in capsys.readouterr().err
+    assert error in capsys.readouterr().err

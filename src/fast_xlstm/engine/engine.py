@@ -20,7 +20,7 @@ from ..model import ModelState, XLSTMForCausalLM
 from ..tokenizer import Tokenizer
 from .request import Request, RequestStatus
 from .runner import DecodeMode, ModelRunner, PendingDecode, StepResult
-from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
+from .scheduler import PrefillChunk, Scheduler, SchedulerOutput, trickle_min_decode
 from .state_cache import Session, StateCache, prefix_keys
 
 
@@ -103,7 +103,7 @@ class LLMEngine:
                  cache_device_bytes: int = 4 << 30, cache_host_bytes: int = 16 << 30,
                  max_sessions_device_bytes: int = 4 << 30, max_sessions_host_bytes: int = 16 << 30,
                  step_log: str | Path | None = None, async_scheduling: bool = False, mixed_steps: bool = False,
-                 trickle_tokens: int = 0, trickle_backlog: int | None = None,
+                 trickle_tokens: int = 0, trickle_backlog: int | None = None, trickle_max_decode: int | None = None,
                  batch1_compile_mode: str | None = "auto"):
         """step_log: a file that gets one JSON line per step (wall time, milliseconds, decode rows,
         prefill sequences and tokens, requests admitted, running and waiting, and the milliseconds
@@ -127,7 +127,9 @@ class LLMEngine:
         is pending (`Scheduler`): a short piece in a many-row decode step's forward costs a
         fraction of its own prefill. trickle_backlog: how much pending prompt is "little" (None:
         4 * trickle_tokens); above it a step prefills a full pack. A large value trickles whole
-        waves too, which spreads their requests' ends apart (see `Scheduler`).
+        waves too, which spreads their requests' ends apart (see `Scheduler`). trickle_max_decode:
+        no trickling above this many decoding requests (None: no bound), where a piece costs nearly
+        what it costs in a pack.
 
         batch1_compile_mode: another compile mode for a compiled decode step of one request
         (`ModelRunner`; "auto": the same as larger batches).
@@ -151,8 +153,8 @@ class LLMEngine:
             raise ValueError("trickle_tokens needs mixed_steps: the pieces ride in decode steps' forwards")
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, block=self.prefix_block,
                                    on_admit=self._on_admit, trickle_tokens=trickle_tokens,
-                                   trickle_min_decode=min(16, max(1, max_num_seqs // 4)),
-                                   trickle_backlog=trickle_backlog)
+                                   trickle_min_decode=trickle_min_decode(max_num_seqs),
+                                   trickle_backlog=trickle_backlog, trickle_max_decode=trickle_max_decode)
         self.requests: dict[str, Request] = {}
         self._stop_ids = stop_token_ids(model.config.stop_token_ids, tokenizer)
         self._ids = itertools.count()

@@ -13,7 +13,9 @@ cheaper than many steps' worth of pieces, and its requests start decoding sooner
 prefilled in one pack finish together, so closed-loop clients come back as a wave that packs again;
 a `trickle_backlog` above a wave's size trickles the wave instead, which spreads the requests' ends
 apart for good (worth it while the running set is small; for a wave of hundreds most slots would
-wait for their piece while few decode).
+wait for their piece while few decode). `trickle_max_decode` stops trickling above that many
+decoding requests: a big decode batch's GEMMs already keep the tensor cores busy, so a piece rides at
+nearly its full cost there, and a backlog waits longer for pieces than for one pack.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .request import Request, RequestStatus
+
+
+def trickle_min_decode(num_slots: int) -> int:
+    """The fewest decoding requests with which a step trickles: 16, or a quarter of the slots if fewer."""
+    return min(16, max(1, num_slots // 4))
 
 
 @dataclass
@@ -52,18 +59,23 @@ class Scheduler:
 
     def __init__(self, num_slots: int, max_num_batched_tokens: int, *, block: int = 0,
                  on_admit: Callable[[Request], None] | None = None, trickle_tokens: int = 0,
-                 trickle_min_decode: int = 16, trickle_backlog: int | None = None):
+                 trickle_min_decode: int = 16, trickle_backlog: int | None = None,
+                 trickle_max_decode: int | None = None):
         """`block`: prefill chunks end on multiples of it where they can (prefix-cache snapshot points);
         `on_admit(request)`: called when a request gets its slot, before its first chunk is planned
         (the engine restores cached state there and advances `num_prefilled`).
 
         trickle_tokens: 0 (off) or the most prompt tokens a step prefills while at least
-        `trickle_min_decode` requests decode and the prompts admitted or waiting have at most
-        `trickle_backlog` tokens left to prefill (default 4 * trickle_tokens)."""
+        `trickle_min_decode` (and at most `trickle_max_decode`, None: no bound) requests decode and the
+        prompts admitted or waiting have at most `trickle_backlog` tokens left to prefill (default
+        4 * trickle_tokens)."""
         if num_slots < 1 or max_num_batched_tokens < 1:
             raise ValueError("num_slots and max_num_batched_tokens must be >= 1")
         if trickle_tokens < 0 or trickle_min_decode < 1 or (trickle_backlog is not None and trickle_backlog < 0):
             raise ValueError("trickle_tokens and trickle_backlog must be >= 0 and trickle_min_decode >= 1")
+        if trickle_max_decode is not None and trickle_max_decode < trickle_min_decode:
+            raise ValueError(f"trickle_max_decode ({trickle_max_decode}) must be >= trickle_min_decode "
+                             f"({trickle_min_decode})")
         self.num_slots = num_slots
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block = block
@@ -71,6 +83,7 @@ class Scheduler:
         self.trickle_tokens = trickle_tokens
         self.trickle_min_decode = trickle_min_decode
         self.trickle_backlog = 4 * trickle_tokens if trickle_backlog is None else trickle_backlog
+        self.trickle_max_decode = trickle_max_decode
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._free_slots = list(range(num_slots - 1, -1, -1))
@@ -95,8 +108,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         out.decode = [r for r in self.running if r.prefill_done]
         budget -= len(out.decode)
-        if self.trickle_tokens and len(out.decode) >= self.trickle_min_decode and (
-                self.prompt_backlog() <= self.trickle_backlog):
+        if self.trickle_tokens and self._trickles(len(out.decode)) and self.prompt_backlog() <= self.trickle_backlog:
             budget = min(budget, self.trickle_tokens)
         # A request with forked siblings (n > 1) is admitted with all of them at once.
         while self.waiting and len(self._free_slots) > len(self.waiting[0].children):
@@ -128,6 +140,11 @@ class Scheduler:
             out.prefill.append(PrefillChunk(req, start, end))
             budget -= end - start
         return out
+
+    def _trickles(self, decoding: int) -> bool:
+        """Whether a step with this many decoding requests is in trickle's range."""
+        return decoding >= self.trickle_min_decode and (
+            self.trickle_max_decode is None or decoding <= self.trickle_max_decode)
 
     def prompt_backlog(self) -> int:
         """Prompt tokens still to prefill: running requests' unprefilled rest (from what is already

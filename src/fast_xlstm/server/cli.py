@@ -23,14 +23,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"[fast-xlstm] --{flag} {module} needs the {module} package (pip install 'uvicorn[standard]')",
                   file=sys.stderr)
             return 2
-    if args.trickle_backlog is not None and (args.trickle_backlog < 0 or not args.trickle_tokens):
-        print("[fast-xlstm] --trickle-backlog needs --trickle-tokens N > 0 and a value >= 0", file=sys.stderr)
-        return 2
     import torch
 
     from ..llm import LLM
     from ..loading import default_device
     from .config import ServerConfig
+
+    cuda = torch.device(args.device or default_device()).type == "cuda"
+    trickle = trickle_options(args, cuda)
+    if isinstance(trickle, str):
+        print(f"[fast-xlstm] {trickle}", file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = ServerConfig(model_names=args.served_model_name or [args.model or "fast-xlstm-default"],
@@ -40,9 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The offline `LLM` builds the model exactly as `LLM(model).generate` does (same seed for a
     # preset's random weights), so the server's outputs equal offline ones run with the same compile
     # setting (`LLM(..., compile_decode=True, compile_prefill=True)` for a compiled server).
-    compile_ = args.compile  # None: compiled on CUDA (the measured fast path), eager on CPU
-    if compile_ is None:
-        compile_ = torch.device(args.device or default_device()).type == "cuda"
+    compile_ = cuda if args.compile is None else args.compile  # default: compiled on CUDA (the measured fast path)
     llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype, device=args.device,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               use_cuda_graph=False if args.no_cuda_graph else None, compile_decode=compile_, compile_prefill=compile_,
@@ -51,8 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               cache_host_bytes=int(args.prefix_cache_host_gb * 2**30),
               max_sessions_device_bytes=int(args.session_cache_gb * 2**30),
               max_sessions_host_bytes=int(args.session_cache_host_gb * 2**30), step_log=args.step_log,
-              async_scheduling=args.async_scheduling, mixed_steps=args.mixed_steps or bool(args.trickle_tokens),
-              trickle_tokens=args.trickle_tokens, trickle_backlog=args.trickle_backlog)
+              async_scheduling=args.async_scheduling, mixed_steps=args.mixed_steps or bool(trickle["trickle_tokens"]),
+              **trickle)
     if args.warmup:
         seconds = llm.engine.warm_up()
         print(f"[fast-xlstm] warmed up in {seconds:.1f} s (decode graphs, graph prefills, kernel compiles)",
@@ -69,6 +70,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, loop=args.loop, http=args.http,
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
+
+
+# Trickle prefill's defaults on CUDA: pieces of 256 tokens while at most 64 pieces' worth of prompt
+# waits and at most 128 requests decode. On an H100 at 64 open requests (Poisson, 512 prompt / 256 output
+# tokens) a 256-token piece in a ~63-row decode step cost 14.6 us per prompt token against ~25 us in a
+# pack, and served throughput rose from 0.78 to 0.82 of static decode (bench/results/h100-serve/desync-ab89637);
+# in a batch of 256 decoding rows a piece costs about as much as in a pack, and trickling there only
+# delayed first tokens (bench/results/README.md, "Trickle prefill").
+TRICKLE_TOKENS, TRICKLE_BACKLOG_PIECES, TRICKLE_MAX_DECODE = 256, 64, 128
+
+
+def trickle_options(args: argparse.Namespace, cuda: bool) -> dict | str:
+    """The engine's trickle options from the command line (each default resolved), or what is wrong.
+
+    Trickle needs mixed steps, which need the Triton kernels: on by default only on CUDA."""
+    from ..engine.scheduler import trickle_min_decode  # the engine package imports torch: not at CLI start-up
+
+    tokens = args.trickle_tokens if args.trickle_tokens is not None else (TRICKLE_TOKENS if cuda else 0)
+    if tokens < 0:
+        return "--trickle-tokens must be >= 0 (0: off)"
+    if not tokens and (args.trickle_backlog is not None or args.trickle_max_decode is not None):
+        return ("--trickle-backlog and --trickle-max-decode need --trickle-tokens N > 0 "
+                "(trickle is off by default off CUDA)")
+    if args.trickle_backlog is not None and args.trickle_backlog < 0:
+        return "--trickle-backlog must be >= 0"
+    fewest = trickle_min_decode(args.max_num_seqs)
+    if args.trickle_max_decode is not None and args.trickle_max_decode < fewest:
+        return (f"--trickle-max-decode must be >= {fewest}, the fewest decoding requests with which a step "
+                "trickles (16, or a quarter of --max-num-seqs if fewer)")
+    if not tokens:
+        return {"trickle_tokens": 0}
+    backlog = TRICKLE_BACKLOG_PIECES * tokens if args.trickle_backlog is None else args.trickle_backlog
+    max_decode = TRICKLE_MAX_DECODE if args.trickle_max_decode is None else args.trickle_max_decode
+    return {"trickle_tokens": tokens, "trickle_backlog": backlog, "trickle_max_decode": max_decode}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -111,13 +146,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run a step's decode and its prefill as one forward (one weight read for both; needs the "
                         "Triton kernels); off by default: 1.02-1.32x faster steps on an H100, served throughput "
                         "within noise")
-    p.add_argument("--trickle-tokens", type=int, default=0, metavar="N",
-                   help="while 16 or more requests decode (a quarter of --max-num-seqs if fewer) and at most 4N prompt "
-                        "tokens wait (--trickle-backlog), a step prefills at most N of them inside the decode step's forward "
-                        "(implies --mixed-steps; 0: off)")
+    p.add_argument("--trickle-tokens", type=int, default=None, metavar="N",
+                   help="while 16 or more requests decode (a quarter of --max-num-seqs if fewer), at most "
+                        "--trickle-max-decode do and at most --trickle-backlog prompt tokens wait, a step prefills at "
+                        f"most N of them inside the decode step's forward (implies --mixed-steps). Default {TRICKLE_TOKENS} "
+                        "on CUDA, 0 (off) elsewhere")
     p.add_argument("--trickle-backlog", type=int, default=None, metavar="TOKENS",
-                   help="with --trickle-tokens: the most pending prompt tokens that still trickle (default 4N); "
+                   help=f"the most pending prompt tokens that still trickle (default {TRICKLE_BACKLOG_PIECES}N); "
                         "above it a step prefills a full pack. A large value trickles whole waves too")
+    p.add_argument("--trickle-max-decode", type=int, default=None, metavar="ROWS",
+                   help=f"no trickling while more than ROWS requests decode (default {TRICKLE_MAX_DECODE}): in a big "
+                        "decode batch a piece costs about what it costs in a pack")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before reading the previous one's tokens, so the host's per-token "
                         "work overlaps the GPU (default on; --no-async-scheduling steps synchronously)")
