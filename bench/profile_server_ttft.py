@@ -107,7 +107,8 @@ def main() -> None:
     app = create_app(llm.engine, llm.tokenizer, ServerConfig(model_names=["m"]))
     async_engine.queue.SimpleQueue = _swap_queue
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
     while not server.started:
         time.sleep(0.05)
     vocab = llm.model.config.vocab_size
@@ -129,6 +130,7 @@ def main() -> None:
             if r >= 3:
                 rows.append(phases(t_send, t_first))
     server.should_exit = True
+    serving.join(60)  # the app's shutdown stops the engine thread before the interpreter exits
     med = {n: statistics.median(r[i] for r in rows) for i, n in enumerate(PHASES)}
     print(f"{args.model} on {llm.model.device}, prefix hit ({args.shared} cached + {args.own} prefilled tokens), "
           f"median of {len(rows)} requests:")
