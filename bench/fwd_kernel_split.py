@@ -85,7 +85,7 @@ def main() -> None:
         orig_out = chunkwise_fwd._out_cfgs
         for cfg in out_cfgs:
             _common._CHOSEN.clear()
-            chunkwise_fwd._out_cfgs = lambda dk, dv, l, cfg=cfg: [cfg]
+            chunkwise_fwd._out_cfgs = lambda *_, cfg=cfg: [cfg]
             row["out_ms"][json.dumps(cfg)] = _time(
                 lambda: chunkwise_fwd.run_out(q, k, v, i, CB, NB, MB, None, None, tabs, L, 1e-6, f=f))
         chunkwise_fwd._out_cfgs = orig_out

@@ -263,10 +263,28 @@ def _state_cfgs(DK: int, DV: int, seq_heads: int = _WIDE_STATE_TILES_FROM) -> li
             dict(BK=min(bk, 32), BV=min(bv, 32), num_warps=4, num_stages=1)]
 
 
-def _out_cfgs(DK: int, DV: int, L: int) -> list[dict]:
-    bk = min(64, pow2(DK))
+# The output kernel's programs (chunks x heads x DV tiles) below which its DV tiles get narrower: about
+# one per SM of an H100 (132).
+_OUT_MIN_PROGRAMS = 128
+
+
+def _out_bv(DV: int, L: int, chunk_heads: int) -> int:
+    """The output kernel's DV tile width for `chunk_heads` (chunks x heads) programs per DV tile: 128
+    (64 for chunks longer than 64), halved down to 32 while the launch would have fewer than
+    _OUT_MIN_PROGRAMS programs. A short prefill (one 64-token chunk of a sequence, 8 heads) otherwise
+    runs 32 programs, each of which also copies a 256 x 128 fp32 tile of the final state into the pool:
+    a few SMs move all of it while the rest idle."""
     bv = min(128 if L <= 64 else 64, pow2(DV))
-    nw = 4 if L <= 32 else 8
+    while bv > 32 and chunk_heads * triton.cdiv(DV, bv) < _OUT_MIN_PROGRAMS:
+        bv //= 2
+    return bv
+
+
+def _out_cfgs(DK: int, DV: int, L: int, chunk_heads: int = _OUT_MIN_PROGRAMS) -> list[dict]:
+    """Launch configs of `_fwd_out_kernel`, best first, for `chunk_heads` programs per DV tile."""
+    bk = min(64, pow2(DK))
+    bv = _out_bv(DV, L, chunk_heads)
+    nw = 4 if L <= 32 or bv <= 32 else 8
     return [dict(BK=bk, BV=bv, num_warps=nw, num_stages=2), dict(BK=bk, BV=min(bv, 64), num_warps=nw, num_stages=1),
             dict(BK=min(bk, 32), BV=min(bv, 32), num_warps=4, num_stages=1)]
 
@@ -406,10 +424,11 @@ def run_out(q, k, v, i, CB, NB, MB, BROW, MROW, tabs: SeqTables, L: int, eps: fl
                 tabs.chunk_j, NH, S, triton.cdiv(DV, cfg["BV"]), DK ** -0.5, eps, *strides,
                 CF, NF, MF, PC, PN, PM, pool_rows, DK, DV, L)
 
-    launch(_fwd_out_kernel, grid, args_for, _out_cfgs(DK, DV, L),
+    chunk_heads = tabs.NCT * NH
+    launch(_fwd_out_kernel, grid, args_for, _out_cfgs(DK, DV, L, chunk_heads),
            dict(IN_DT=in_dt, DOT_DT=dot_dt, IP=ip, ROWS_FROM_GATES=from_gates, STORE_ROWS=store_rows,
                 WRITE_POOL=write_pool),
-           key=(DK, DV, L, q.dtype, CB.dtype, from_gates, store_rows, pool_dtypes))
+           key=(DK, DV, L, q.dtype, CB.dtype, from_gates, store_rows, pool_dtypes, _out_bv(DV, L, chunk_heads)))
     return h, dsum
 
 
