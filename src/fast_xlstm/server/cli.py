@@ -146,8 +146,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds running requests may finish after SIGINT/SIGTERM before they are aborted")
     p.add_argument("--mixed-steps", action="store_true",
                    help="run a step's decode and its prefill as one forward (one weight read for both; needs the "
-                        "Triton kernels); off by default: 1.02-1.32x faster steps on an H100, served throughput "
-                        "within noise")
+                        "Triton kernels); implied by --trickle-tokens (on by default on CUDA), else off: 1.02-1.32x "
+                        "faster steps on an H100, served throughput within noise on its own")
     p.add_argument("--trickle-tokens", type=int, default=None, metavar="N",
                    help="while 16 or more requests decode (a quarter of --max-num-seqs if fewer), at most "
                         "--trickle-max-decode do and at most --trickle-backlog prompt tokens wait, a step prefills at "
