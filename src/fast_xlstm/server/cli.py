@@ -94,7 +94,7 @@ def trickle_options(args: argparse.Namespace, cuda: bool) -> dict | str:
         return "--trickle-tokens must be >= 0 (0: off)"
     if not tokens and (args.trickle_backlog is not None or args.trickle_max_decode is not None):
         return ("--trickle-backlog and --trickle-max-decode need --trickle-tokens N > 0 "
-                "(trickle is off by default off CUDA)")
+                "(trickle is off by default where there is no CUDA)")
     if args.trickle_backlog is not None and args.trickle_backlog < 0:
         return "--trickle-backlog must be >= 0"
     fewest = trickle_min_decode(args.max_num_seqs)
