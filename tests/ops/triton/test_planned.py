@@ -132,6 +132,52 @@ def test_planned_forward_reads_pool_rows(lengths, max_seqs, pool_dtype, device, 
             assert torch.equal(t_w[row], want), f"pool row {row}"
 
 
+def test_output_tile_width_follows_the_launch_size():
+    """The output kernel's DV tiles narrow while a launch has few programs, so a short prefill's
+    final-state copy is spread over more SMs, and stay wide for long or many sequences."""
+    bv = chunkwise_fwd._out_bv
+    assert bv(512, 64, 2 * 8) == 64  # the 7B's 64-token graph prefill of one prompt (2 chunk slots, 8 heads)
+    assert bv(512, 64, 1 * 8) == 32  # one 64-token chunk, eager
+    assert bv(512, 64, 9 * 8) == 128 and bv(512, 128, 1000) == 64 and bv(32, 16, 4) == 32
+
+
+@pytest.mark.parametrize("width", [32, 64])
+def test_narrow_output_tiles_compute_what_wide_ones_do(width, device, seed, make_inputs, random_state, rel_err,
+                                                       state_err, monkeypatch):
+    """A short prefill from pool rows with the output kernel's DV tiles at `width` (what the launch-size
+    rule picks for few programs) gives the h and written pool rows of the widest tiles: bitwise in the
+    interpreter, within the kernels' tolerance on a GPU (a tensor-core tile shape may round differently),
+    and both match the float64 recurrence."""
+    NH, DK, DV, T, P = 2, 16, 128, 16, 4
+    layout = PackedLayout(1, T, chunk_size=16)
+    q, k, v, i, f = (t.to(device) for t in make_inputs(1, NH, T, DK, DV, torch.float32, seed=seed))
+    start = [t.to(device) for t in random_state(P, NH, DK, DV, seed=seed + 1)]
+    rows = torch.tensor([2], dtype=torch.long, device=device)
+    plan = _plan(layout, [0, T], device)
+    chunk_heads = layout.max_chunks * NH
+    assert chunkwise_fwd._out_bv(DV, plan.L, chunk_heads) == 32  # this launch is a narrow one
+
+    from fast_xlstm.ops.triton import _common
+
+    def run(bv: int):
+        monkeypatch.setattr(_common, "_CHOSEN", {})  # no config remembered from another test's launch
+        monkeypatch.setattr(chunkwise_fwd, "_out_cfgs", lambda *_: [dict(BK=16, BV=bv, num_warps=4, num_stages=1)])
+        pool = [t.clone() for t in start]
+        h = ops.mlstm_chunkwise_planned(q, k, v, i, f, pool, plan, state_rows=rows, final_to_pool=True)[0]
+        return h, pool
+
+    (h_n, pool_n), (h_w, pool_w) = run(width), run(128)
+    if device == "cpu":
+        assert torch.equal(h_n, h_w) and all(torch.equal(a, b) for a, b in zip(pool_n, pool_w))
+    else:
+        assert rel_err(h_n.cpu(), h_w.cpu().double()) < TOL[torch.float32]
+        assert state_err([t[2:3].cpu() for t in pool_n], [t[2:3].cpu().double() for t in pool_w]) < TOL[torch.float32]
+    h_or, st_or = mlstm_recurrent(*(t.double().cpu() for t in (q, k, v, i, f)), [t[2:3].double().cpu() for t in start])
+    assert rel_err(h_n.cpu(), h_or) < TOL[torch.float32]
+    assert state_err([t[2:3].cpu() for t in pool_n], st_or) < TOL[torch.float32]
+    assert all(torch.equal(a[r], b[r]) for a, b in zip(pool_n, start) for r in (0, 1, 3))  # other rows untouched
+
+
 def test_planned_pool_rows_rejects_bad_input(device, make_inputs, random_state):
     NH, DK, DV, T = 2, 16, 16, 32
     layout = PackedLayout(2, T, chunk_size=16)
