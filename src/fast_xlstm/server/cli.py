@@ -76,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # waits and at most 128 requests decode. On an H100 at 64 open requests (Poisson, 512 prompt / 256 output
 # tokens) a 256-token piece in a ~63-row decode step cost 14.6 us per prompt token against ~25 us in a
 # pack (bench/results/h100-serve/desync-ab89637). With these defaults served throughput was 0.832 of
-# static decode against 0.786 without trickle, and within 1% of it at 256 open and in waves
+# static decode against 0.786 without trickle, and within 1.3% of it at 256 open and in waves
 # (h100-serve/trickle-default-f374368); without the decode bound, 256 open requests waited longer for
 # their first tokens (h200-serve/trickle-7edd0b7), and with no backlog bound a wave of 256 starved the
 # decode batch (h100-serve/waves-ab89637).
